@@ -1,0 +1,36 @@
+# stageserve — the two commands a new user needs are `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= ../shared/data
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test test-fast lint protos bench eval clean
+
+install:
+	@bash scripts/bootstrap.sh
+
+# Until the services land, `run` streams a demo generation from the embedded SmolLM2 model.
+run: install
+	$(VENV)/bin/stageserve generate "Explain in two sentences why the sky is blue." --max-tokens 64
+
+# pytest exit code 5 (no tests collected) is a failure here, never a silent pass.
+test: install lint
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check services tests benchmarks
+	$(VENV)/bin/mypy services/stageserve/core services/stageserve/policy
+	$(VENV)/bin/lint-imports
+
+protos: install
+	@echo "protos: no .proto files yet (the pipeline issue adds protos/stageserve/v1)"
+
+bench: install
+	$(VENV)/bin/stageserve bench offline --data $(DATA)/azure_llm_2023/AzureLLMInferenceTrace_conv.csv
+
+eval: install
+	$(VENV)/bin/stageserve eval ppl --data $(DATA)/wikitext2/test.txt --tokens 8192 --window 1024
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache services/*.egg-info

@@ -1,0 +1,41 @@
+"""The engine's one frozen configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Role = Literal["both", "prefill", "decode"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings. ``role``: "both" generates end to end; "prefill" runs prompts, hands their KV out
+    layer by layer and stops after the first token; "decode" takes KV in and continues generating."""
+
+    model: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_bytes: int = 1 << 30  # KV cache size when num_kv_blocks is not given
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    role: Role = "both"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.role not in ("both", "prefill", "decode"):
+            raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
+        if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
+            raise ValueError("block_size and num_kv_blocks must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

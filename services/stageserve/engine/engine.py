@@ -1,0 +1,234 @@
+"""The engine: requests in, token events out, one ``step()`` at a time (schedule -> run -> sample).
+
+Roles (see EngineConfig): "both" runs prompts and generation; "prefill" stops each request after its first
+token and hands its KV to the request's ``kv_sink`` layer by layer as the forward pass produces it;
+"decode" installs KV from elsewhere (``begin_import`` / ``import_kv`` / ``commit_import``) and continues.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from stageserve.core.sampling import SamplingParams
+from stageserve.engine.attention import KVSink, TorchAttentionBackend
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.detokenizer import IncrementalDetokenizer
+from stageserve.engine.kv_cache import PagedKVCache
+from stageserve.engine.model_runner import ModelRunner
+from stageserve.engine.outputs import TokenEvent
+from stageserve.engine.sampler import sample
+from stageserve.models.loader import LoadedModel, load_model
+from stageserve.policy.batching.scheduler import Scheduler, SchedulerConfig
+from stageserve.policy.batching.sequence import Sequence
+from stageserve.policy.kvblocks.block_manager import BlockManager
+
+
+class KVCacheFullError(RuntimeError):
+    """No KV blocks are free for an import; the caller should retry later or elsewhere."""
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    generator: torch.Generator
+    kv_sink: KVSink | None = None
+    exported: int = 0
+    pending: list[int] = field(default_factory=list)  # tokens not yet reported in a TokenEvent
+    first_token_time: float | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.loaded = loaded or load_model(config.model, config.torch_dtype)
+        self.model_config = mc = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        num_blocks = config.num_kv_blocks or max(
+            1,
+            config.kv_cache_memory_bytes
+            // PagedKVCache.bytes_per_block(
+                mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.torch_dtype
+            ),
+        )
+        self.cache = PagedKVCache(
+            mc.num_hidden_layers, num_blocks, config.block_size, mc.num_key_value_heads, mc.head_dim, config.torch_dtype
+        )
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
+            self.blocks,
+        )
+        self.runner = ModelRunner(self.loaded.model, TorchAttentionBackend(self.cache, mc.sliding_window))
+        self.requests: dict[str, _Request] = {}
+        self._imports: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(config.seed)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        kv_sink: KVSink | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queues a request. In the prefill role ``kv_sink`` receives its KV, layer by layer."""
+        req = self._new_request(request_id, prompt_token_ids, params, arrival_time)
+        req.kv_sink = kv_sink
+        self.scheduler.add(req.seq)
+        self.requests[request_id] = req
+
+    def _new_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None
+    ) -> _Request:
+        if request_id in self.requests or request_id in self._imports:
+            raise ValueError(f"duplicate request id {request_id}")
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        limit = self.model_config.max_position_embeddings
+        if len(prompt_token_ids) + params.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {limit} tokens"
+            )
+        if max(prompt_token_ids) >= self.model_config.vocab_size or min(prompt_token_ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+                       arrival_time if arrival_time is not None else time.monotonic())
+        generator = torch.Generator()
+        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng)))
+        return _Request(seq, IncrementalDetokenizer(self.tokenizer, params), generator)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.finish(req.seq, "abort")
+        imported = self._imports.pop(request_id, None)
+        if imported is not None:
+            self.blocks.free(imported.seq.block_table)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ---- decode role: KV arrives from a prefill engine ---------------------------------------------
+    def begin_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Reserves blocks for a prompt whose KV will arrive by ``import_kv``."""
+        req = self._new_request(request_id, prompt_token_ids, params, None)
+        if not self.blocks.allocate(req.seq.block_table, len(prompt_token_ids)):
+            raise KVCacheFullError(f"no free KV blocks for {len(prompt_token_ids)} tokens")
+        self._imports[request_id] = req
+
+    def import_kv(self, request_id: str, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes K/V [n, Hkv, D] of positions [start, start + n) of one layer into the paged cache."""
+        seq = self._imports[request_id].seq
+        if start < 0 or start + k.shape[0] > seq.num_prompt_tokens:
+            raise ValueError(f"KV rows [{start}, {start + k.shape[0]}) outside the prompt of {seq.num_prompt_tokens}")
+        self.cache.write(layer, self.cache.slots_for(seq.block_table, start, start + k.shape[0]), k, v)
+
+    def commit_import(self, request_id: str, first_token_id: int) -> None:
+        """The prompt's KV is complete: continue from the prefill's first token."""
+        req = self._imports.pop(request_id)
+        seq = req.seq
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.blocks.commit_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+        self.requests[request_id] = req
+        self.scheduler.add_running(seq)
+        self._append_token(req, first_token_id, time.monotonic())
+
+    # ---- the step --------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """Runs one scheduling step; returns the streaming deltas it produced."""
+        events: list[TokenEvent] = []
+        out = self.scheduler.schedule()
+        if out.scheduled:
+            sinks = {r: q.kv_sink for r, q in self.requests.items() if q.kv_sink is not None}
+            exported = {r: self.requests[r].exported for r in sinks}
+            logits = self.runner.execute(out.scheduled, sinks, exported)
+            now = time.monotonic()
+            completing = [s.seq for s in out.scheduled if s.completes]
+            for s in out.scheduled:
+                s.seq.num_computed_tokens += s.num_new_tokens
+                req = self.requests[s.seq.request_id]
+                req.exported = max(req.exported, s.seq.num_computed_tokens)
+                self.blocks.commit_full_blocks(s.seq.block_table, s.seq.token_ids, s.seq.num_computed_tokens)
+            if completing:
+                reqs = [self.requests[s.request_id] for s in completing]
+                tokens = sample(
+                    logits,
+                    [r.seq.params for r in reqs],
+                    [r.generator for r in reqs],
+                    [self._banned(r.seq) for r in reqs],
+                )
+                for req, token in zip(reqs, tokens, strict=True):
+                    self._append_token(req, token, now)
+        for req in list(self.requests.values()):
+            if req.pending or req.seq.finish_reason:
+                events.append(self._event(req))
+        return events
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        if seq.num_output_tokens >= seq.params.min_tokens:
+            return []
+        return [*self.model_config.eos_token_ids, *seq.params.stop_token_ids]
+
+    def _append_token(self, req: _Request, token: int, now: float) -> None:
+        seq = req.seq
+        seq.token_ids.append(token)
+        req.pending.append(token)
+        req.first_token_time = req.first_token_time or now
+        reason = self._finish_reason(req, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _finish_reason(self, req: _Request, token: int) -> str | None:
+        seq, p = req.seq, req.seq.params
+        is_eos = not p.ignore_eos and token in self.model_config.eos_token_ids
+        stop_token = is_eos or token in p.stop_token_ids
+        if not stop_token and req.detok.append(token):
+            return "stop"
+        if stop_token:
+            return "stop"
+        if self.config.role == "prefill":
+            return "prefilled"
+        if seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        return None
+
+    def _event(self, req: _Request) -> TokenEvent:
+        seq = req.seq
+        finished = seq.finish_reason is not None
+        event = TokenEvent(
+            request_id=seq.request_id,
+            token_ids=req.pending,
+            text=req.detok.take_delta(finished),
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+        )
+        req.pending = []
+        if finished:
+            del self.requests[seq.request_id]
+        return event
+
+    # ---- scoring ---------------------------------------------------------------------------------
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Log-probabilities of token_ids[1:] given their prefixes (for perplexity)."""
+        return self.runner.score(token_ids)

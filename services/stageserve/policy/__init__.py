@@ -1,0 +1,1 @@
+"""Pure policies: no torch, grpc or kubernetes; time is always an argument."""

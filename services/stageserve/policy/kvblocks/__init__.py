@@ -1,0 +1,1 @@
+"""Paged KV block accounting: allocation, reference counts and prefix hashing."""
