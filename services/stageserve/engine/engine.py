@@ -67,6 +67,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._imports: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self.num_preemptions = 0
         self._rng = torch.Generator().manual_seed(config.seed)
 
     # ---- requests --------------------------------------------------------------------------------
@@ -157,6 +158,7 @@ class LLMEngine:
         """Runs one scheduling step; returns the streaming deltas it produced."""
         events: list[TokenEvent] = []
         out = self.scheduler.schedule()
+        self.num_preemptions += len(out.preempted)
         if out.scheduled:
             sinks = {r: q.kv_sink for r, q in self.requests.items() if q.kv_sink is not None}
             exported = {r: self.requests[r].exported for r in sinks}

@@ -12,6 +12,7 @@ from stageserve.core.sampling import SamplingParams
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine
 from stageserve.engine.outputs import CompletionOutput, RequestOutput, TokenEvent
+from stageserve.models.loader import LoadedModel
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -23,8 +24,11 @@ class LLM:
     Extra keyword arguments are EngineConfig fields (block_size, max_num_seqs, num_kv_blocks, ...).
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "float32", **engine_kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_kwargs))
+    def __init__(
+        self, model: str | None = None, dtype: str = "float32", loaded: LoadedModel | None = None, **engine_kwargs: Any
+    ) -> None:
+        """``loaded`` reuses weights already in memory (several engines over one model, e.g. in tests)."""
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_kwargs), loaded)
 
     @property
     def tokenizer(self) -> Any:

@@ -1,0 +1,161 @@
+"""The ``stageserve`` command line: generate | eval ppl | bench offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DATA_DIR = Path("../shared/data")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stageserve", description="Staged LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_eval(sub)
+    _add_bench(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"stageserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+# ---- generate -------------------------------------------------------------------------------------
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text in-process and stream it to the terminal")
+    p.add_argument("prompt")
+    _model_args(p)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from stageserve.engine import LLM, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    llm = LLM(model=args.model, dtype=args.dtype)
+    use_chat = not args.raw and getattr(llm.tokenizer, "chat_template", None)
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if use_chat else args.prompt
+    reason = None
+    for event in llm.stream(prompt, params):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        reason = event.finish_reason
+    sys.stdout.write("\n")
+    print(f"[finish_reason={reason}]", file=sys.stderr)
+    return 0
+
+
+# ---- eval -----------------------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy evaluation")
+    evsub = p.add_subparsers(dest="eval_command", required=True)
+    ppl = evsub.add_parser("ppl", help="perplexity over non-overlapping windows of a text corpus")
+    _model_args(ppl)
+    ppl.add_argument("--data", default=str(DATA_DIR / "wikitext2" / "test.txt"))
+    ppl.add_argument("--tokens", type=int, default=8192)
+    ppl.add_argument("--window", type=int, default=1024)
+    ppl.add_argument("--reference", action="store_true", help="also compute transformers' perplexity on the same windows")
+    ppl.set_defaults(func=_eval_ppl)
+
+
+def _eval_ppl(args: argparse.Namespace) -> int:
+    from stageserve.engine import LLM
+    from stageserve.tools.eval_ppl import corpus_tokens, perplexity
+
+    llm = LLM(model=args.model, dtype=args.dtype)
+    ids = corpus_tokens(llm.tokenizer, args.data, args.tokens)
+    result = perplexity(llm.engine.score, ids, args.window, progress=True)
+    report = {"model": llm.engine.model_config.name, "dtype": args.dtype, "stageserve_ppl": round(result.perplexity, 4),
+              "tokens": args.tokens, "window": args.window, "windows": result.num_windows}
+    if args.reference:
+        import torch
+
+        from stageserve.tools.reference import load_transformers_model
+
+        hf = load_transformers_model(args.model, llm.engine.config.torch_dtype)
+
+        def hf_score(chunk: list[int]) -> torch.Tensor:
+            with torch.inference_mode():
+                ids_t = torch.tensor([chunk])
+                logp = torch.log_softmax(hf(ids_t).logits[0, :-1].float(), dim=-1)
+                return logp.gather(1, ids_t[0, 1:].unsqueeze(1)).squeeze(1)
+
+        ref = perplexity(hf_score, ids, args.window, progress=True)
+        report["transformers_ppl"] = round(ref.perplexity, 4)
+        report["relative_diff"] = abs(result.perplexity - ref.perplexity) / ref.perplexity
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+# ---- bench ----------------------------------------------------------------------------------------
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    off = bsub.add_parser("offline", help="offline throughput vs transformers generate, same requests")
+    _model_args(off)
+    off.add_argument("--data", default=str(DATA_DIR / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"))
+    off.add_argument("--corpus", default=str(DATA_DIR / "wikitext2" / "test.txt"))
+    off.add_argument("--num-requests", type=int, default=16)
+    off.add_argument("--batch", type=int, default=8, help="requests in flight for the batched runs")
+    off.add_argument("--scale", type=float, default=0.25, help="multiplies trace prompt and output lengths")
+    off.add_argument("--max-context", type=int, default=2048)
+    off.add_argument("--max-output", type=int, default=128)
+    off.add_argument("--seed", type=int, default=0)
+    off.add_argument("--no-transformers", action="store_true", help="skip the transformers side")
+    off.add_argument("--json", default=None, help="also write the results to this file")
+    off.set_defaults(func=_bench_offline)
+
+
+def _bench_offline(args: argparse.Namespace) -> int:
+    import torch
+
+    from stageserve.engine import LLM
+    from stageserve.tools.bench_offline import bench, sample_requests
+    from stageserve.tools.eval_ppl import corpus_tokens
+    from stageserve.tools.reference import load_transformers_model
+
+    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.batch)
+    context = min(args.max_context, llm.engine.model_config.max_position_embeddings)
+    corpus = corpus_tokens(llm.tokenizer, args.corpus, 65536)
+    requests = sample_requests(args.data, corpus, args.num_requests, args.scale, context, args.max_output, args.seed)
+    hf = None if args.no_transformers else load_transformers_model(args.model, llm.engine.config.torch_dtype)
+    results = bench(llm, hf, requests, args.batch)
+    rows = [r.row() for r in results]
+    print(f"torch threads: {torch.get_num_threads()}  requests: {len(requests)}  dtype: {args.dtype}")
+    print(f"{'system':<14}{'mode':<10}{'prompt tok':>11}{'output tok':>11}{'seconds':>9}{'out tok/s':>11}{'prompt tok/s':>14}")
+    for r in rows:
+        print(f"{r['system']:<14}{r['mode']:<10}{r['prompt_tokens']:>11}{r['output_tokens']:>11}{r['seconds']:>9.2f}"
+              f"{r['output_tok_s']:>11}{r['prompt_tok_s']:>14}")
+    by = {(r.system, r.mode): r for r in results}
+    for mode in sorted({r.mode for r in results}):
+        if ("transformers", mode) in by:
+            ratio = by[("stageserve", mode)].output_tps / by[("transformers", mode)].output_tps
+            print(f"speedup {mode}: {ratio:.2f}x (stageserve / transformers output tok/s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Offline tools behind `stageserve eval` and `stageserve bench` (accuracy and throughput)."""

@@ -1,0 +1,63 @@
+"""Perplexity over non-overlapping windows of a text corpus (``stageserve eval ppl``).
+
+The first ``tokens`` tokens of the corpus are cut into windows of ``window`` tokens; every token of a
+window but the first is scored given the tokens before it in that window. The same windows fed to
+transformers give the reference figure (tests/tools/test_eval_ppl.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+ScoreFn = Callable[[list[int]], Any]  # token ids -> per-token log-probs of ids[1:] (a torch tensor)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll_sum: float
+    num_predicted: int
+    num_windows: int
+    window: int
+
+
+def corpus_tokens(tokenizer: Any, path: str, num_tokens: int) -> list[int]:
+    """The first ``num_tokens`` tokens of a text file (tokenized without special tokens)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"corpus not found: {path}")
+    ids: list[int] = []
+    with file.open(encoding="utf-8") as fh:
+        while len(ids) < num_tokens:
+            chunk = fh.read(1 << 16)
+            chunk += fh.readline()  # end chunks at line breaks so no word is split
+            if not chunk:
+                break
+            ids.extend(tokenizer.encode(chunk, add_special_tokens=False))
+    if len(ids) < num_tokens:
+        raise ValueError(f"{path} holds only {len(ids)} tokens, fewer than the {num_tokens} asked for")
+    return ids[:num_tokens]
+
+
+def windows(ids: list[int], window: int) -> list[list[int]]:
+    if window < 2:
+        raise ValueError(f"window must be >= 2, got {window}")
+    if len(ids) < window:
+        raise ValueError(f"{len(ids)} tokens make no full window of {window}")
+    return [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
+
+
+def perplexity(score: ScoreFn, ids: list[int], window: int, progress: bool = False) -> PerplexityResult:
+    nll, count = 0.0, 0
+    chunks = windows(ids, window)
+    for chunk in tqdm(chunks, desc="ppl", unit="window", disable=not progress):
+        logprobs = score(chunk)
+        nll -= float(logprobs.double().sum())
+        count += len(chunk) - 1
+    return PerplexityResult(math.exp(nll / count), nll, count, len(chunks), window)
