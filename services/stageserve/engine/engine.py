@@ -154,6 +154,7 @@ class LLMEngine:
         self._append_token(req, first_token_id, time.monotonic())
 
     # ---- the step --------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """Runs one scheduling step; returns the streaming deltas it produced."""
         events: list[TokenEvent] = []

