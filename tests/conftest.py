@@ -9,7 +9,7 @@ DATA = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "share
 PROMPTS = [
     "Hi",
     "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""',
     "In the beginning of the twentieth century, the small town by the river was known for its mills, "
     "its bridges and a market that drew farmers from every valley around. One autumn morning",
     "Write a short story about a robot learning to paint. " * 12,

@@ -50,8 +50,12 @@ def _generate(args: argparse.Namespace) -> int:
     from stageserve.engine import LLM, SamplingParams
 
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
     )
     llm = LLM(model=args.model, dtype=args.dtype)
     use_chat = not args.raw and getattr(llm.tokenizer, "chat_template", None)
@@ -75,7 +79,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--data", default=str(DATA_DIR / "wikitext2" / "test.txt"))
     ppl.add_argument("--tokens", type=int, default=8192)
     ppl.add_argument("--window", type=int, default=1024)
-    ppl.add_argument("--reference", action="store_true", help="also compute transformers' perplexity on the same windows")
+    ppl.add_argument(
+        "--reference", action="store_true", help="also compute transformers' perplexity on the same windows"
+    )
     ppl.set_defaults(func=_eval_ppl)
 
 
@@ -86,8 +92,14 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     llm = LLM(model=args.model, dtype=args.dtype)
     ids = corpus_tokens(llm.tokenizer, args.data, args.tokens)
     result = perplexity(llm.engine.score, ids, args.window, progress=True)
-    report = {"model": llm.engine.model_config.name, "dtype": args.dtype, "stageserve_ppl": round(result.perplexity, 4),
-              "tokens": args.tokens, "window": args.window, "windows": result.num_windows}
+    report = {
+        "model": llm.engine.model_config.name,
+        "dtype": args.dtype,
+        "stageserve_ppl": round(result.perplexity, 4),
+        "tokens": args.tokens,
+        "window": args.window,
+        "windows": result.num_windows,
+    }
     if args.reference:
         import torch
 
@@ -143,10 +155,20 @@ def _bench_offline(args: argparse.Namespace) -> int:
     results = bench(llm, hf, requests, args.batch)
     rows = [r.row() for r in results]
     print(f"torch threads: {torch.get_num_threads()}  requests: {len(requests)}  dtype: {args.dtype}")
-    print(f"{'system':<14}{'mode':<10}{'prompt tok':>11}{'output tok':>11}{'seconds':>9}{'out tok/s':>11}{'prompt tok/s':>14}")
+    line = "{:<14}{:<10}{:>11}{:>11}{:>9}{:>11}{:>14}"
+    print(line.format("system", "mode", "prompt tok", "output tok", "seconds", "out tok/s", "prompt tok/s"))
     for r in rows:
-        print(f"{r['system']:<14}{r['mode']:<10}{r['prompt_tokens']:>11}{r['output_tokens']:>11}{r['seconds']:>9.2f}"
-              f"{r['output_tok_s']:>11}{r['prompt_tok_s']:>14}")
+        print(
+            line.format(
+                r["system"],
+                r["mode"],
+                r["prompt_tokens"],
+                r["output_tokens"],
+                f"{r['seconds']:.2f}",
+                r["output_tok_s"],
+                r["prompt_tok_s"],
+            )
+        )
     by = {(r.system, r.mode): r for r in results}
     for mode in sorted({r.mode for r in results}):
         if ("transformers", mode) in by:

@@ -14,9 +14,10 @@ GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 
 def _hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     with torch.inference_mode():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = hf_model.generate(
+            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def test_first_forward_logits_match_transformers(llm, hf_model):

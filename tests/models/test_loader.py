@@ -18,7 +18,9 @@ IDS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 1233, 2050, 2436]
 def _logits(loaded, ids=IDS):
     with torch.inference_mode():
         model = loaded.model
-        return model.logits(model(torch.tensor(ids), torch.arange(len(ids)), NoCacheAttention(loaded.config.sliding_window)))
+        return model.logits(
+            model(torch.tensor(ids), torch.arange(len(ids)), NoCacheAttention(loaded.config.sliding_window))
+        )
 
 
 def _hf_logits(hf, ids=IDS):
@@ -45,10 +47,21 @@ def test_hf_directory_with_safetensors_loads_the_same_model(tmp_path, loaded, hf
 ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", {
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-        "rope_theta": 500000.0, "tie_word_embeddings": False}),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": False,
+        },
+    ),
     "llama2": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4, "tie_word_embeddings": False}),
 }
 
@@ -58,8 +71,15 @@ def test_architectures_match_transformers(tmp_path, loaded, arch):
     import transformers
 
     config_cls, model_cls, extra = ARCHS[arch]
-    base = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    base = {
+        "vocab_size": 49152,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
     config = getattr(transformers, config_cls)(**(base | extra))
     torch.manual_seed(0)
     hf = getattr(transformers, model_cls)(config).eval()
@@ -103,7 +123,9 @@ def test_directory_without_weights(tmp_path):
 def test_cli_reports_load_errors_in_one_line():
     proc = subprocess.run(
         [sys.executable, "-m", "stageserve.cli", "generate", "hi", "--model", "/nope"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "stageserve: error: model path does not exist: /nope"

@@ -40,9 +40,22 @@ def test_perplexity_matches_transformers(llm, hf_model):
 
 def test_eval_ppl_cli_prints_perplexity():
     proc = subprocess.run(
-        [sys.executable, "-m", "stageserve.cli", "eval", "ppl", "--data", str(WIKITEXT), "--tokens", "512",
-         "--window", "256"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "stageserve.cli",
+            "eval",
+            "ppl",
+            "--data",
+            str(WIKITEXT),
+            "--tokens",
+            "512",
+            "--window",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)

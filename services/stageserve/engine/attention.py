@@ -56,13 +56,17 @@ class _Prefill:
 class TorchAttentionStep:
     def __init__(self, cache: PagedKVCache, chunks: list[SeqChunk], sliding_window: int | None) -> None:
         self.cache = cache
-        self.slot_mapping = torch.cat(
-            [cache.slots_for(c.block_table, c.start_pos, c.context_len) for c in chunks]
-        ) if chunks else torch.empty(0, dtype=torch.long)
+        self.slot_mapping = (
+            torch.cat([cache.slots_for(c.block_table, c.start_pos, c.context_len) for c in chunks])
+            if chunks
+            else torch.empty(0, dtype=torch.long)
+        )
         decodes = [c for c in chunks if c.q_len == 1 and c.start_pos > 0]
         self.decode_rows = torch.tensor([c.row_start for c in decodes], dtype=torch.long)
         self.decode_slots, self.decode_mask = _padded_context(cache, decodes, sliding_window)
-        self.prefills = [_plan_prefill(cache, c, sliding_window) for c in chunks if not (c.q_len == 1 and c.start_pos > 0)]
+        self.prefills = [
+            _plan_prefill(cache, c, sliding_window) for c in chunks if not (c.q_len == 1 and c.start_pos > 0)
+        ]
         self.exports = [
             _Export(c.kv_sink, max(c.export_from, 0), cache.slots_for(c.block_table, c.export_from, c.context_len))
             for c in chunks
@@ -85,9 +89,7 @@ class TorchAttentionStep:
                 kp, vp = k[p.rows].transpose(0, 1), v[p.rows].transpose(0, 1)
             else:
                 kp, vp = k_cache[p.kv_slots].transpose(0, 1), v_cache[p.kv_slots].transpose(0, 1)
-            op = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=True
-            )
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=True)
             out[p.rows] = op.transpose(0, 1)
         for e in self.exports:
             e.sink(layer, e.start, k_cache[e.slots], v_cache[e.slots])
@@ -148,7 +150,11 @@ class NoCacheAttention:
             pos = torch.arange(n)
             mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.sliding_window)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=True,
         )
         return out.transpose(0, 1)

@@ -25,7 +25,9 @@ class IncrementalDetokenizer:
         """Adds a token; returns True when a stop string now appears (the text is cut accordingly)."""
         self.token_ids.append(token_id)
         skip = self.params.skip_special_tokens
-        prefix = self.tokenizer.decode(self.token_ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
+        prefix = self.tokenizer.decode(
+            self.token_ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip
+        )
         full = self.tokenizer.decode(self.token_ids[self._prefix_offset :], skip_special_tokens=skip)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             new_text = full[len(prefix) :]

@@ -103,10 +103,17 @@ class LLMEngine:
             )
         if max(prompt_token_ids) >= self.model_config.vocab_size or min(prompt_token_ids) < 0:
             raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
-                       arrival_time if arrival_time is not None else time.monotonic())
+        seq = Sequence(
+            request_id,
+            list(prompt_token_ids),
+            len(prompt_token_ids),
+            params,
+            arrival_time if arrival_time is not None else time.monotonic(),
+        )
         generator = torch.Generator()
-        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng)))
+        generator.manual_seed(
+            params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
+        )
         return _Request(seq, IncrementalDetokenizer(self.tokenizer, params), generator)
 
     def abort_request(self, request_id: str) -> None:

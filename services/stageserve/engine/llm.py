@@ -89,7 +89,9 @@ class LLM:
             rid = engine.new_request_id()
             engine.add_request(rid, ids, p)
             order.append(rid)
-            results[rid] = RequestOutput(rid, text, ids, [CompletionOutput(0, "", [])], metrics={"arrival": time.monotonic()})
+            results[rid] = RequestOutput(
+                rid, text, ids, [CompletionOutput(0, "", [])], metrics={"arrival": time.monotonic()}
+            )
         bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm)
         try:
             while any(not results[r].finished for r in order):

@@ -15,7 +15,9 @@ class ModelRunner:
         self.backend = backend
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], sinks: dict[str, KVSink], exported: dict[str, int]) -> torch.Tensor:
+    def execute(
+        self, scheduled: list[ScheduledSeq], sinks: dict[str, KVSink], exported: dict[str, int]
+    ) -> torch.Tensor:
         """Computes the scheduled tokens; returns logits [n, V] for the sequences whose chunk completes
         them (in ``scheduled`` order). ``sinks`` receive each exporting request's KV layer by layer."""
         tokens: list[int] = []

@@ -164,7 +164,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
         self.norm.weight.copy_(take("model.norm.weight"))
         head = take.optional("lm_head.weight")
-        self.lm_head.weight.copy_(head if head is not None and not cfg.tie_word_embeddings else self.embed_tokens.weight)
+        self.lm_head.weight.copy_(
+            head if head is not None and not cfg.tie_word_embeddings else self.embed_tokens.weight
+        )
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = layer.self_attn

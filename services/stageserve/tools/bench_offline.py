@@ -96,8 +96,12 @@ def run_transformers(model: Any, requests: list[BenchRequest], batch: int, pad_i
             mask[row, width - len(r.prompt_ids) :] = 1
         new = max(r.output_len for r in group)
         model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-            do_sample=False, pad_token_id=pad_id,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pad_id,
         )
     return time.perf_counter() - start
 
@@ -108,9 +112,20 @@ def bench(llm: Any, hf_model: Any | None, requests: list[BenchRequest], batch: i
     pad = llm.tokenizer.pad_token_id or 0
     results = []
     for mode, size in (("batch1", 1), (f"batch{batch}", batch)):
-        results.append(BenchResult("stageserve", mode, len(requests), prompt_tokens, output_tokens,
-                                   run_stageserve(llm, requests, size)))
+        results.append(
+            BenchResult(
+                "stageserve", mode, len(requests), prompt_tokens, output_tokens, run_stageserve(llm, requests, size)
+            )
+        )
         if hf_model is not None:
-            results.append(BenchResult("transformers", mode, len(requests), prompt_tokens, output_tokens,
-                                       run_transformers(hf_model, requests, size, pad)))
+            results.append(
+                BenchResult(
+                    "transformers",
+                    mode,
+                    len(requests),
+                    prompt_tokens,
+                    output_tokens,
+                    run_transformers(hf_model, requests, size, pad),
+                )
+            )
     return results

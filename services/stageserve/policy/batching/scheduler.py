@@ -69,9 +69,7 @@ class Scheduler:
         capacity = self.blocks.num_blocks * self.blocks.block_size
         budget_needed = seq.num_tokens + seq.params.max_tokens - seq.num_output_tokens
         if budget_needed > capacity:
-            raise ValueError(
-                f"request {seq.request_id} needs {budget_needed} KV slots but the cache holds {capacity}"
-            )
+            raise ValueError(f"request {seq.request_id} needs {budget_needed} KV slots but the cache holds {capacity}")
         if not self.config.enable_chunked_prefill and seq.num_tokens > self.config.max_num_batched_tokens:
             raise ValueError(
                 f"prompt of {seq.num_tokens} tokens exceeds max_num_batched_tokens without chunked prefill"
