@@ -54,23 +54,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
     return inv_freq
 
 
-class Rotary(nn.Module):
+class Rotary:
     """Rotate-half RoPE (HF convention) with a cos/sin table precomputed in fp32."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        # Plain attributes, not buffers: the table stays fp32 whatever dtype the model is cast to.
+        # Not module buffers: the table stays fp32 whatever dtype the model is cast to.
         self.cos = emb.cos()
         self.sin = emb.sin()
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] for these positions (gathered once per forward, shared by all layers)."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,13 +95,13 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, step: AttentionStep) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: AttentionStep) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rope(q, k, rope)
         out = step.run(self.layer, q, k, v)
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -121,8 +126,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, step: AttentionStep) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, step)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: AttentionStep) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -149,8 +154,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden] (call ``logits`` on the rows needed)."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.table(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, step)
+            x = layer(x, rope, step)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
