@@ -19,7 +19,7 @@ test: install lint
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check services tests benchmarks
+	$(VENV)/bin/ruff check services tests
 	$(VENV)/bin/mypy services/stageserve/core services/stageserve/policy
 	$(VENV)/bin/lint-imports
 
