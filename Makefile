@@ -20,7 +20,7 @@ test: install lint
 
 lint: install
 	$(VENV)/bin/ruff check services tests
-	$(VENV)/bin/mypy services/stageserve/core services/stageserve/policy
+	$(VENV)/bin/mypy services/stageserve/core services/stageserve/policy services/stageserve/kvcodec/format.py services/stageserve/kvcodec/report.py
 	$(VENV)/bin/lint-imports
 
 protos: install

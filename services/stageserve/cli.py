@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_kv_report(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -176,6 +177,38 @@ def _bench_offline(args: argparse.Namespace) -> int:
             print(f"speedup {mode}: {ratio:.2f}x (stageserve / transformers output tok/s)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+# ---- kv-report ------------------------------------------------------------------------------------
+SHAPES = {"llama-3.1-8b": (32, 8, 128), "llama-3.1-70b": (80, 8, 128)}
+
+
+def _add_kv_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kv-report", help="KV bytes per token and ratio to BF16, per format and prompt length")
+    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a known model shape instead of --model")
+    p.add_argument("--format", default="hack2", help="bf16 | fp8 | kivi2 | hack2 | hack4 | hack-k4v2 | all")
+    p.add_argument("--page-size", type=int, default=64)
+    p.set_defaults(func=_kv_report)
+
+
+def _kv_report(args: argparse.Namespace) -> int:
+    from stageserve.kvcodec.format import FORMATS
+    from stageserve.kvcodec.report import format_report, kv_report
+
+    if args.shape:
+        layers, kv_heads, head_dim = SHAPES[args.shape]
+        name = args.shape
+    else:
+        from stageserve.models.loader import read_model_config
+
+        cfg = read_model_config(args.model)
+        layers, kv_heads, head_dim, name = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.name
+    formats = list(FORMATS) if args.format == "all" else [args.format]
+    print(f"model: {name}  layers={layers} kv_heads={kv_heads} head_dim={head_dim} page={args.page_size}")
+    for fmt in formats:
+        print(format_report(kv_report(fmt, layers, kv_heads, head_dim, page_size=args.page_size)))
     return 0
 
 

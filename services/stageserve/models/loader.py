@@ -81,6 +81,27 @@ def default_model_path_or_none() -> str | None:
         return None
 
 
+def read_model_config(path: str | None = None) -> ModelConfig:
+    """The architecture only (no weights, no tokenizer): for sizing reports and planning."""
+    path = str(path) if path else default_model_path()
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path does not exist: {path}")
+    if os.path.isdir(path):
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"no config.json in model directory {path}")
+        return ModelConfig.from_hf(json.loads(config_file.read_text()), model_display_name(path))
+    from gguf import GGUFReader
+
+    try:
+        hf_config = _gguf_hf_config(GGUFReader(path))
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"corrupt or unreadable GGUF file {path}: {str(exc).splitlines()[0]}") from exc
+    return ModelConfig.from_hf(hf_config, model_display_name(path))
+
+
 def load_model(path: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Loads weights, config and tokenizer; raises ModelLoadError with one line naming any problem."""
     path = str(path) if path else default_model_path()
