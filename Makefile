@@ -24,7 +24,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 protos: install
-	@echo "protos: no .proto files yet (the pipeline issue adds protos/stageserve/v1)"
+	@bash scripts/gen_protos.sh
 
 bench: install
 	$(VENV)/bin/stageserve bench offline --data $(DATA)/azure_llm_2023/AzureLLMInferenceTrace_conv.csv

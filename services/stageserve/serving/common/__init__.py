@@ -1,0 +1,1 @@
+"""What every stage service shares: config, gRPC server setup, the error table."""

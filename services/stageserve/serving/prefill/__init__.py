@@ -1,0 +1,1 @@
+"""The prefill stage service."""

@@ -1,0 +1,1 @@
+"""The throttler stage service."""
