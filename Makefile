@@ -9,9 +9,9 @@ export PYTHONUNBUFFERED := 1
 install:
 	@bash scripts/bootstrap.sh
 
-# Until the services land, `run` streams a demo generation from the embedded SmolLM2 model.
+# `run` starts the whole pipeline (gateway, throttler, encoder, prefill, decode) on 127.0.0.1.
 run: install
-	$(VENV)/bin/stageserve generate "Explain in two sentences why the sky is blue." --max-tokens 64
+	$(VENV)/bin/stageserve up
 
 # pytest exit code 5 (no tests collected) is a failure here, never a silent pass.
 test: install lint

@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_bench(sub)
     _add_kv_report(sub)
+    from stageserve.serving.supervisor import add_up_parser
+
+    add_up_parser(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -57,6 +57,9 @@ class AsyncEngine:
         """Registers a request's event queue; call before the request can produce events."""
         self._streams[request_id] = (asyncio.get_running_loop(), asyncio.Queue())
 
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
     async def events(self, request_id: str) -> AsyncIterator[TokenEvent]:
         """Yields the request's events until it finishes. Leaving early (cancellation, disconnect) aborts it
         and frees its KV blocks."""
@@ -72,7 +75,7 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                await self.abort(request_id)
+                self.abort_nowait(request_id)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, kv_sink: KVSink | None = None
@@ -86,11 +89,13 @@ class AsyncEngine:
         async for event in self.events(request_id):
             yield event
 
-    async def abort(self, request_id: str) -> None:
+    def abort_nowait(self, request_id: str) -> None:
+        """Queues an abort (frees the request's KV) without waiting: safe inside a cancelled task."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._wake:
-            stopped = self._stopped
-        if not stopped:
-            await self.call(lambda: self.engine.abort_request(request_id))
+            if not self._stopped:
+                self._commands.append((lambda: self.engine.abort_request(request_id), future))
+                self._wake.notify()
 
     def shutdown(self) -> None:
         with self._wake:

@@ -81,6 +81,16 @@ def default_model_path_or_none() -> str | None:
         return None
 
 
+def load_tokenizer(path: str | None = None) -> Any:
+    """The tokenizer (and chat template) of a model, without its weights."""
+    path = str(path) if path else default_model_path()
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path does not exist: {path}")
+    if os.path.isdir(path):
+        return _load_tokenizer(path, None)
+    return _load_tokenizer(str(Path(path).parent), Path(path).name)
+
+
 def read_model_config(path: str | None = None) -> ModelConfig:
     """The architecture only (no weights, no tokenizer): for sizing reports and planning."""
     path = str(path) if path else default_model_path()

@@ -1,0 +1,166 @@
+"""KV pages on the wire: which spans of a prompt travel as which frame, and their bytes.
+
+A prompt of T tokens is cut by ``PageFormat``'s convention into the sinks (tokens 0..S-1, always BF16),
+closed pages of Π tokens, and the tail (the open block), each sent per layer as one frame as soon as that
+layer's rows for it exist. Payload bytes follow the format's field layout exactly (one KV head after the
+other); a CRC-32 of the payload travels in the frame header. Formats packed here: ``bf16`` and ``fp8``
+(E4M3 codes with one BF16 scale per head per page per tensor).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from stageserve.kvcodec.format import FieldSpec, PageFormat
+
+WIRE_FORMATS = ("bf16", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Span:
+    """Positions [start, start + length) of one frame; index 0 is the sinks, then pages, then the tail."""
+
+    index: int
+    start: int
+    length: int
+    kind: str  # sinks | page | tail
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def spans(fmt: PageFormat, num_tokens: int) -> list[Span]:
+    sinks = min(num_tokens, fmt.num_sinks)
+    out = [Span(0, 0, sinks, "sinks")] if sinks else []
+    start = sinks
+    while start + fmt.page_size <= num_tokens:
+        out.append(Span(len(out), start, fmt.page_size, "page"))
+        start += fmt.page_size
+    if start < num_tokens:
+        out.append(Span(len(out), start, num_tokens - start, "tail"))
+    return out
+
+
+def checksum(payload: bytes) -> int:
+    return zlib.crc32(payload) & 0xFFFFFFFF
+
+
+def _layout(fmt: PageFormat, span: Span) -> tuple[PageFormat, Mapping[str, FieldSpec]]:
+    if span.kind == "sinks":
+        bf16 = PageFormat("bf16", fmt.num_kv_heads, fmt.head_dim, page_size=fmt.page_size)
+        return bf16, bf16.tail_field_layout(span.length)
+    if span.kind == "page":
+        return fmt, fmt.field_layout()
+    return fmt, fmt.tail_field_layout(span.length)
+
+
+def _head_bytes(layout: Mapping[str, FieldSpec]) -> int:
+    end = max(f.offset + f.nbytes for f in layout.values())
+    return -(-end // 8) * 8
+
+
+def _as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _fp8_fields(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, d] float -> (E4M3 codes [n, d], BF16 scale [1]); the scale is rounded to BF16 before use."""
+    scale = (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12).to(torch.bfloat16)
+    codes = (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, scale.reshape(1)
+
+
+def pack(fmt: PageFormat, span: Span, k: torch.Tensor, v: torch.Tensor) -> bytes:
+    """k, v [span.length, H, D] (any float dtype) -> payload bytes of one layer's frame."""
+    if fmt.format not in WIRE_FORMATS:
+        raise ValueError(f"kv format {fmt.format!r} cannot be sent yet (wire formats: {', '.join(WIRE_FORMATS)})")
+    if k.shape != (span.length, fmt.num_kv_heads, fmt.head_dim) or v.shape != k.shape:
+        raise ValueError(f"KV rows {tuple(k.shape)} do not match span of {span.length} tokens")
+    kind, layout = _layout(fmt, span)
+    head = _head_bytes(layout)
+    buf = bytearray(head * fmt.num_kv_heads)
+    for h in range(fmt.num_kv_heads):
+        fields = _head_fields(kind.format, k[:, h], v[:, h])
+        for name, spec in layout.items():
+            data = _as_bytes(fields[name])
+            assert len(data) == spec.nbytes, (name, len(data), spec.nbytes)
+            buf[h * head + spec.offset : h * head + spec.offset + spec.nbytes] = data
+    return bytes(buf)
+
+
+def _head_fields(format_name: str, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    if format_name == "bf16":
+        return {"k": k.to(torch.bfloat16), "v": v.to(torch.bfloat16)}
+    k_codes, k_scale = _fp8_fields(k)
+    v_codes, v_scale = _fp8_fields(v)
+    return {"k_codes": k_codes, "k_scale": k_scale, "v_codes": v_codes, "v_scale": v_scale}
+
+
+def unpack(fmt: PageFormat, span: Span, payload: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Payload bytes -> k, v [span.length, H, D] float32 (dequantized; nothing is re-quantized)."""
+    kind, layout = _layout(fmt, span)
+    head = _head_bytes(layout)
+    if len(payload) != head * fmt.num_kv_heads:
+        raise ValueError(f"payload of {len(payload)} bytes, expected {head * fmt.num_kv_heads}")
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    ks, vs = [], []
+    for h in range(fmt.num_kv_heads):
+
+        def field(name: str, dtype: torch.dtype, h: int = h) -> torch.Tensor:
+            spec = layout[name]
+            start = h * head + spec.offset
+            return raw[start : start + spec.nbytes].view(dtype).reshape(spec.shape)
+
+        if kind.format == "bf16":
+            ks.append(field("k", torch.bfloat16).float())
+            vs.append(field("v", torch.bfloat16).float())
+        else:
+            ks.append(field("k_codes", torch.float8_e4m3fn).float() * field("k_scale", torch.bfloat16).float())
+            vs.append(field("v_codes", torch.float8_e4m3fn).float() * field("v_scale", torch.bfloat16).float())
+    return torch.stack(ks, dim=1), torch.stack(vs, dim=1)
+
+
+class LayerFramer:
+    """Collects one request's KV rows as the prefill forward produces them (per layer, in chunks) and
+    returns each span's frame payload as soon as all of its rows exist in that layer."""
+
+    def __init__(self, fmt: PageFormat, num_layers: int, num_tokens: int) -> None:
+        self.fmt = fmt
+        self.spans = spans(fmt, num_tokens)
+        self._k: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._v: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._have = [0] * num_layers
+        self._next = [0] * num_layers
+
+    def add(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> list[tuple[Span, bytes]]:
+        if start != self._have[layer]:
+            raise ValueError(f"layer {layer}: rows from {start} but {self._have[layer]} expected")
+        self._k[layer].append(k.detach().clone())
+        self._v[layer].append(v.detach().clone())
+        self._have[layer] += k.shape[0]
+        ready: list[tuple[Span, bytes]] = []
+        while self._next[layer] < len(self.spans) and self.spans[self._next[layer]].end <= self._have[layer]:
+            span = self.spans[self._next[layer]]
+            k_all, v_all = torch.cat(self._k[layer]), torch.cat(self._v[layer])
+            base = self._have[layer] - k_all.shape[0]
+            ready.append(
+                (
+                    span,
+                    pack(
+                        self.fmt,
+                        span,
+                        k_all[span.start - base : span.end - base],
+                        v_all[span.start - base : span.end - base],
+                    ),
+                )
+            )
+            keep = span.end - base
+            self._k[layer], self._v[layer] = [k_all[keep:]], [v_all[keep:]]
+            self._next[layer] += 1
+        return ready

@@ -1,0 +1,1 @@
+"""Fairness and admission policies (pure; time is an argument)."""

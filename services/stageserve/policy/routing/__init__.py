@@ -1,0 +1,1 @@
+"""Routing policies: which replica serves a call, which KV format it uses (pure)."""

@@ -1,0 +1,75 @@
+"""Conversions between proto messages and the in-process types, shared by the stage shells."""
+
+from __future__ import annotations
+
+from stageserve.core.sampling import SamplingParams
+from stageserve.engine.outputs import TokenEvent
+from stageserve.v1 import common_pb2
+
+FORMAT_NAMES = {
+    common_pb2.KV_FORMAT_BF16: "bf16",
+    common_pb2.KV_FORMAT_FP8: "fp8",
+    common_pb2.KV_FORMAT_HACK2: "hack2",
+    common_pb2.KV_FORMAT_HACK4: "hack4",
+    common_pb2.KV_FORMAT_HACK_K4V2: "hack-k4v2",
+    common_pb2.KV_FORMAT_KIVI2: "kivi2",
+}
+FORMAT_IDS = {name: value for value, name in FORMAT_NAMES.items()}
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    """Raises InvalidRequestError (naming the field) for out-of-range values."""
+    return SamplingParams(
+        max_tokens=p.max_tokens or 16,
+        temperature=p.temperature,
+        top_p=p.top_p or 1.0,
+        top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop),
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens,
+        include_stop_str_in_output=p.include_stop_str_in_output,
+    )
+
+
+def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens,
+        include_stop_str_in_output=p.include_stop_str_in_output,
+    )
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def format_name(value: int) -> str:
+    if value not in FORMAT_NAMES:
+        raise ValueError(f"kv_format: unknown value {value}")
+    return FORMAT_NAMES[value]
+
+
+def event_to_proto(event: TokenEvent, completion_tokens: int) -> common_pb2.TokenEvent:
+    msg = common_pb2.TokenEvent(
+        request_id=event.request_id,
+        token_ids=event.token_ids,
+        text=event.text,
+        finished=event.finished,
+        finish_reason=event.finish_reason or "",
+    )
+    if event.finished:
+        msg.usage.CopyFrom(
+            common_pb2.Usage(
+                prompt_tokens=event.num_prompt_tokens,
+                completion_tokens=completion_tokens,
+                cached_tokens=event.num_cached_tokens,
+            )
+        )
+    return msg

@@ -1,0 +1,235 @@
+"""The gateway's request path, shared by its gRPC and OpenAI HTTP front ends.
+
+admit (throttler) -> pick prefill and decode replicas (least pending tokens) -> negotiate the KV format ->
+open the decode stream (decode reserves KV) -> ask prefill to run and push KV to that decode replica ->
+relay decode's token events -> release. The gateway never touches KV bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from stageserve.models.config import ModelConfig
+from stageserve.policy.routing.kv_format import negotiate
+from stageserve.policy.routing.least_loaded import ReplicaLoad, pick_least_loaded
+from stageserve.serving.common.config import StageServeConfig
+from stageserve.serving.common.convert import FORMAT_IDS, FORMAT_NAMES, sampling_to_proto
+from stageserve.serving.common.errors import Overloaded, Unavailable, classify
+from stageserve.serving.common.server import GRPC_OPTIONS
+from stageserve.serving.gateway.http import GenerateDelta, HttpGenerateRequest
+from stageserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+    throttler_pb2,
+    throttler_pb2_grpc,
+)
+
+log = logging.getLogger("stageserve.gateway")
+
+
+class ReplicaSet:
+    """The replicas of one stage with their latest load reports."""
+
+    def __init__(self, stage: str, addresses: list[str], stub_cls: Any) -> None:
+        self.stage = stage
+        self.stubs = {a: stub_cls(grpc.aio.insecure_channel(a, options=GRPC_OPTIONS)) for a in addresses}
+        self.loads = {a: ReplicaLoad(a, 0, 0, 0.0, 0.0, healthy=False) for a in addresses}
+        self.formats: dict[str, set[str]] = {a: set() for a in addresses}
+        self._turn = 0
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(self._refresh_one(a) for a in self.stubs))
+
+    async def _refresh_one(self, address: str) -> None:
+        try:
+            load = await self.stubs[address].GetLoad(common_pb2.LoadRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            self.loads[address] = ReplicaLoad(address, 0, 0, 0.0, time.monotonic(), healthy=False)
+            return
+        self.loads[address] = ReplicaLoad(
+            address, load.pending_tokens, load.num_running, load.kv_cache_usage, time.monotonic()
+        )
+        self.formats[address] = {FORMAT_NAMES[f] for f in load.kv_formats if f in FORMAT_NAMES}
+
+    def pick(self, tokens: int) -> str:
+        self._turn += 1
+        try:
+            address = pick_least_loaded(list(self.loads.values()), time.monotonic(), self._turn)
+        except LookupError:
+            raise Unavailable(f"no healthy {self.stage} replica") from None
+        old = self.loads[address]  # count the request locally until the next report
+        self.loads[address] = ReplicaLoad(
+            address, old.pending_tokens + tokens, old.num_running + 1, old.kv_cache_usage, old.reported_at
+        )
+        return address
+
+
+class GatewayCore:
+    def __init__(self, config: StageServeConfig, tokenizer: Any, model: ModelConfig) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_name = model.name
+        self.max_context = model.max_position_embeddings
+        self.prefill = ReplicaSet("prefill", config.addresses("prefill"), prefill_pb2_grpc.PrefillStub)
+        self.decode = ReplicaSet("decode", config.addresses("decode"), decode_pb2_grpc.DecodeStub)
+        channel = grpc.aio.insecure_channel(config.replica_address("throttler", 0))
+        self.throttler = throttler_pb2_grpc.ThrottlerStub(channel)
+        self._poller: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await asyncio.gather(self.prefill.refresh(), self.decode.refresh())
+        self._poller = asyncio.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gateway.load_poll_interval_s)
+            await asyncio.gather(self.prefill.refresh(), self.decode.refresh())
+
+    # ---- tokenization ----------------------------------------------------------------------------
+    def tokenize_prompt(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not messages:
+            raise ValueError("messages: must not be empty")
+        for i, m in enumerate(messages):
+            if m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+                raise ValueError(f"messages[{i}].role: unknown role {m.get('role')!r}")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}].content: must be text")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    # ---- the request path ------------------------------------------------------------------------
+    async def generate(self, request: HttpGenerateRequest) -> AsyncIterator[GenerateDelta]:
+        ids = request.prompt_token_ids
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        if len(ids) + request.params.max_tokens > self.max_context:
+            raise ValueError(
+                f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds the "
+                f"model's context of {self.max_context} tokens"
+            )
+        await self._admit(request)
+        completion = 0
+        try:
+            async for delta in self._run(request):
+                completion = delta.completion_tokens
+                yield delta
+        finally:
+            counts = common_pb2.TokenCounts(input=len(ids), output=completion)
+            try:
+                await self.throttler.Release(
+                    throttler_pb2.ReleaseRequest(request_id=request.request_id, counts=counts), timeout=2.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning("throttler release failed for %s: %s", request.request_id, exc.code().name)
+
+    async def _admit(self, request: HttpGenerateRequest) -> None:
+        t = request.tenant
+        admit = throttler_pb2.AdmitRequest(
+            request_id=request.request_id,
+            tenant=common_pb2.TenantKey(
+                user=t.user, app=t.app, interaction_id=t.interaction_id, call_index=t.call_index
+            ),
+            expected=common_pb2.TokenCounts(input=len(request.prompt_token_ids), output=request.params.max_tokens),
+        )
+        try:
+            answer = await self.throttler.Admit(admit, timeout=5.0)
+            if answer.decision == throttler_pb2.AdmitResponse.QUEUED:
+                answer = await self.throttler.AwaitAdmission(throttler_pb2.AwaitRequest(request_id=request.request_id))
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"throttler unreachable: {exc.code().name}") from exc
+        if answer.decision != throttler_pb2.AdmitResponse.ADMITTED:
+            raise Overloaded(answer.reason or "throttled", retry_after_s=max(answer.retry_after_s, 1.0))
+
+    async def _run(self, request: HttpGenerateRequest) -> AsyncIterator[GenerateDelta]:
+        ids, rid = request.prompt_token_ids, request.request_id
+        decode_address = self.decode.pick(len(ids) + request.params.max_tokens)
+        prefill_address = self.prefill.pick(len(ids))
+        fmt = negotiate(
+            self.config.kv_format,
+            self.prefill.formats[prefill_address] or {"bf16"},
+            self.decode.formats[decode_address] or {"bf16"},
+            self.config.gateway.link_gbps,
+        )
+        sampling = sampling_to_proto(request.params)
+        timeout = self.config.gateway.request_timeout_s
+        call = self.decode.stubs[decode_address].Generate(
+            decode_pb2.DecodeRequest(
+                request_id=rid, prompt_token_ids=ids, sampling=sampling, kv_format=FORMAT_IDS[fmt]
+            ),
+            timeout=timeout,
+        )
+        prefill = asyncio.ensure_future(
+            self.prefill.stubs[prefill_address].Prefill(
+                prefill_pb2.PrefillRequest(
+                    request_id=rid,
+                    prompt_token_ids=ids,
+                    sampling=sampling,
+                    decode_address=decode_address,
+                    kv_format=FORMAT_IDS[fmt],
+                ),
+                timeout=timeout,
+            )
+        )
+        finished = False
+        try:
+            async for event in _race(call, prefill):
+                finished = event.finished
+                yield GenerateDelta(
+                    text=event.text,
+                    token_ids=list(event.token_ids),
+                    finished=event.finished,
+                    finish_reason=event.finish_reason or None,
+                    prompt_tokens=len(ids),
+                    completion_tokens=event.usage.completion_tokens if event.finished else 0,
+                    cached_tokens=_cached(prefill) if event.finished else 0,
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise classify(exc) from exc
+        finally:
+            if not finished:  # client gone or a stage failed: cancel both hops so they free KV
+                call.cancel()
+                prefill.cancel()
+
+
+def _cached(prefill: asyncio.Future[prefill_pb2.PrefillResponse]) -> int:
+    if prefill.done() and not prefill.cancelled() and prefill.exception() is None:
+        return prefill.result().num_cached_tokens
+    return 0
+
+
+async def _race(call: Any, prefill: asyncio.Future[Any]) -> AsyncIterator[common_pb2.TokenEvent]:
+    """Decode's events; if prefill fails first, its error wins (decode would only time out waiting for KV)."""
+    reader = call.__aiter__()
+    read: asyncio.Future[Any] = asyncio.ensure_future(reader.__anext__())
+    try:
+        while True:
+            waiting = {read} if prefill.done() else {read, prefill}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if prefill in done and prefill.exception() is not None:
+                raise prefill.exception()  # type: ignore[misc]
+            if read in done:
+                try:
+                    event = read.result()
+                except StopAsyncIteration:
+                    return
+                yield event
+                read = asyncio.ensure_future(reader.__anext__())
+    finally:
+        read.cancel()
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"

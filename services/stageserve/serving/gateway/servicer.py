@@ -1,0 +1,82 @@
+"""Gateway gRPC front end (hop 1): unpack, call the core, pack token events."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from stageserve.serving.common.convert import sampling_from_proto
+from stageserve.serving.common.errors import BadRequest, ModelNotFound, abort
+from stageserve.serving.gateway.core import GatewayCore, new_request_id
+from stageserve.serving.gateway.http import HttpGenerateRequest, TenantHeaders
+from stageserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+def tenant_from_metadata(metadata: tuple[tuple[str, str | bytes], ...] | None) -> TenantHeaders:
+    md = {k.lower(): v if isinstance(v, str) else v.decode() for k, v in (metadata or ())}
+    try:
+        call_index = int(md.get("x-stageserve-call-index", "0"))
+    except ValueError:
+        raise BadRequest("x-stageserve-call-index: must be an integer", field="x-stageserve-call-index") from None
+    return TenantHeaders(
+        user=md.get("x-stageserve-user", "anonymous"),
+        app=md.get("x-stageserve-app", "default"),
+        interaction_id=md.get("x-stageserve-interaction-id") or uuid.uuid4().hex,
+        call_index=call_index,
+    )
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    def _request(self, request: gateway_pb2.GenerateRequest, tenant: TenantHeaders) -> HttpGenerateRequest:
+        if request.model and request.model != self.core.model_name:
+            raise ModelNotFound(f"model: {request.model!r} is not served here (serving {self.core.model_name!r})")
+        which = request.WhichOneof("input")
+        if which == "prompt":
+            ids = self.core.tokenize_prompt(request.prompt)
+        elif which == "chat":
+            if any(m.images for m in request.chat.messages):
+                raise BadRequest("images: this deployment's model has no vision tower", field="images")
+            ids = self.core.tokenize_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
+        elif which == "prompt_token_ids":
+            ids = list(request.prompt_token_ids.ids)
+        else:
+            raise BadRequest("input: one of prompt, chat or prompt_token_ids is required", field="input")
+        params = sampling_from_proto(request.sampling)
+        return HttpGenerateRequest(request.request_id or new_request_id(), ids, params, tenant)
+
+    async def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.TokenEvent]:
+        try:
+            tenant = tenant_from_metadata(context.invocation_metadata())
+            call = self._request(request, tenant)
+            await context.send_initial_metadata((("x-stageserve-interaction-id", tenant.interaction_id),))
+            async for delta in self.core.generate(call):
+                event = common_pb2.TokenEvent(
+                    request_id=call.request_id,
+                    token_ids=delta.token_ids,
+                    text=delta.text,
+                    finished=delta.finished,
+                    finish_reason=delta.finish_reason or "",
+                )
+                if delta.finished:
+                    event.usage.CopyFrom(
+                        common_pb2.Usage(
+                            prompt_tokens=delta.prompt_tokens,
+                            completion_tokens=delta.completion_tokens,
+                            cached_tokens=delta.cached_tokens,
+                        )
+                    )
+                yield event
+        except Exception as exc:  # every failure leaves through the error table
+            await abort(context, exc)
+
+    async def ListModels(self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        return gateway_pb2.ListModelsResponse(
+            models=[gateway_pb2.ModelInfo(id=self.core.model_name, max_context=self.core.max_context)]
+        )

@@ -1,0 +1,142 @@
+"""Prefill shell: runs the prompt and pushes its KV to the chosen decode replica layer by layer, as produced."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from stageserve.engine.async_engine import AsyncEngine
+from stageserve.kvcodec import wire
+from stageserve.serving.common.convert import FORMAT_IDS, format_name, sampling_from_proto
+from stageserve.serving.common.engine_stage import page_format, stage_load
+from stageserve.serving.common.errors import DataLoss, abort
+from stageserve.serving.common.server import GRPC_OPTIONS
+from stageserve.v1 import common_pb2, decode_pb2_grpc, kvpage_pb2, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger("stageserve.prefill")
+MAX_RESENDS = 2
+_END = object()
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, engine: AsyncEngine, replica_id: str, address: str, link_rate_gbps: float = 0.0) -> None:
+        self.engine = engine
+        self.replica_id = replica_id
+        self.address = address
+        self.link_rate_gbps = link_rate_gbps
+        self._channels: dict[str, decode_pb2_grpc.DecodeStub] = {}
+
+    def _decode(self, address: str) -> decode_pb2_grpc.DecodeStub:
+        if address not in self._channels:
+            self._channels[address] = decode_pb2_grpc.DecodeStub(
+                grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            )
+        return self._channels[address]
+
+    async def Prefill(
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.PrefillResponse:
+        rid = request.request_id
+        try:
+            params = sampling_from_proto(request.sampling)
+            fmt = page_format(self.engine, format_name(request.kv_format))
+            if not request.decode_address:
+                raise ValueError("decode_address: required")
+            ids = list(request.prompt_token_ids)
+        except ValueError as exc:
+            await abort(context, exc)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        sent: dict[tuple[int, int], kvpage_pb2.KVFrame] = {}
+        framer = wire.LayerFramer(fmt, self.engine.engine.model_config.num_hidden_layers, len(ids))
+
+        def sink(layer: int, start: int, k, v) -> None:  # engine thread, inside the forward pass
+            for span, payload in framer.add(layer, start, k, v):
+                frame = _page_frame(rid, layer, span, request.kv_format, payload)
+                loop.call_soon_threadsafe(queue.put_nowait, frame)
+
+        stub = self._decode(request.decode_address)
+        push = asyncio.ensure_future(stub.PushKV(self._frames(queue, sent)))
+        started = time.perf_counter()
+        first_token, cached = None, 0
+        try:
+            async for event in self.engine.generate(rid, ids, params, kv_sink=sink):
+                if event.token_ids:
+                    first_token, cached = event.token_ids[0], event.num_cached_tokens
+        except BaseException as exc:
+            push.cancel()
+            if isinstance(exc, ValueError):
+                await abort(context, exc)
+            raise
+        forward_done = time.perf_counter()
+        assert first_token is not None
+        commit = kvpage_pb2.KVFrame(
+            request_id=rid, commit=kvpage_pb2.KVCommit(first_token_id=first_token, num_frames=len(sent))
+        )
+        queue.put_nowait(commit)
+        queue.put_nowait(_END)
+        response = await self._finish_push(push, stub, sent, commit, context)
+        done = time.perf_counter()
+        if not response.committed:
+            await abort(context, DataLoss(f"request {rid}: KV transfer failed: {response.error or 'pages lost'}"))
+        return prefill_pb2.PrefillResponse(
+            first_token_id=first_token,
+            num_cached_tokens=cached,
+            kv_bytes=sum(len(f.page.payload) for f in sent.values()),
+            kv_frames=len(sent),
+            prefill_seconds=forward_done - started,
+            exposed_transfer_seconds=done - forward_done,
+            kv_format=FORMAT_IDS[fmt.format],
+        )
+
+    async def _finish_push(self, push, stub, sent, commit, context):  # type: ignore[no-untyped-def]
+        try:
+            response = await push
+            for _ in range(MAX_RESENDS):
+                if response.committed or not response.resend:
+                    return response
+                log.warning("%s: decode asked for %d pages again", commit.request_id, len(response.resend))
+                again = [sent[(r.layer, r.page_index)] for r in response.resend if (r.layer, r.page_index) in sent]
+                response = await stub.PushKV(_iterate([*again, commit]))
+            return response
+        except grpc.aio.AioRpcError as exc:
+            await abort(context, exc)
+
+    async def _frames(
+        self, queue: asyncio.Queue[object], sent: dict[tuple[int, int], kvpage_pb2.KVFrame]
+    ) -> AsyncIterator[kvpage_pb2.KVFrame]:
+        while True:
+            frame = await queue.get()
+            if frame is _END:
+                return
+            assert isinstance(frame, kvpage_pb2.KVFrame)
+            if frame.HasField("page"):
+                sent[(frame.page.layer, frame.page.page_index)] = frame
+                if self.link_rate_gbps > 0:  # emulate a slower prefill->decode link
+                    await asyncio.sleep(len(frame.page.payload) * 8 / (self.link_rate_gbps * 1e9))
+            yield frame
+
+    async def GetLoad(self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.StageLoad:
+        return stage_load(self.engine, "prefill", self.replica_id, self.address)
+
+
+def _page_frame(rid: str, layer: int, span: wire.Span, kv_format: int, payload: bytes) -> kvpage_pb2.KVFrame:
+    page = kvpage_pb2.KVPageFrame(
+        layer=layer,
+        page_index=span.index,
+        token_start=span.start,
+        num_tokens=span.length,
+        format=kv_format,
+        crc32=wire.checksum(payload),
+        payload=payload,
+    )
+    return kvpage_pb2.KVFrame(request_id=rid, page=page)
+
+
+async def _iterate(frames: list[kvpage_pb2.KVFrame]) -> AsyncIterator[kvpage_pb2.KVFrame]:
+    for frame in frames:
+        yield frame

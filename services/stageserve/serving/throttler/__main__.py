@@ -1,0 +1,24 @@
+"""``python -m stageserve.serving.throttler --config FILE``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from stageserve.serving.common.server import GrpcStage, configure_logging
+from stageserve.serving.common.stage_args import parse_stage_args
+from stageserve.serving.throttler.servicer import ThrottlerServicer
+from stageserve.v1 import throttler_pb2, throttler_pb2_grpc
+
+
+async def main() -> None:
+    config, replica = parse_stage_args("throttler")
+    configure_logging("throttler")
+    stage = GrpcStage(
+        config.replica_address("throttler", replica), [throttler_pb2.DESCRIPTOR.services_by_name["Throttler"].full_name]
+    )
+    throttler_pb2_grpc.add_ThrottlerServicer_to_server(ThrottlerServicer(config.throttler.policy), stage.server)
+    await stage.run()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
