@@ -203,7 +203,7 @@ def _hostport(host: str, port: int) -> str:
 @dataclass(frozen=True)
 class Endpoints:
     openai_base_url: str  # http://host:8000/v1
-    gateway_http: str  # http://host:8000 (also /health, /metrics)
+    gateway_http: str  # http://host:8000 (also /health)
     gateway_grpc: str  # host:50051
     stages: dict[str, list[str]] = field(default_factory=dict)  # stage -> replica gRPC addresses
 
@@ -211,7 +211,7 @@ class Endpoints:
         lines = [
             f"OpenAI API    {self.openai_base_url}",
             f"gateway gRPC  {self.gateway_grpc}",
-            f"gateway HTTP  {self.gateway_http}  (/health, /metrics)",
+            f"gateway HTTP  {self.gateway_http}  (/health)",
         ]
         for stage, addresses in self.stages.items():
             for i, address in enumerate(addresses):

@@ -158,7 +158,7 @@ class GatewayCore:
         decode_address = self.decode.pick(len(ids) + request.params.max_tokens)
         prefill_address = self.prefill.pick(len(ids))
         fmt = negotiate(
-            self.config.kv_format,
+            request.kv_format or self.config.kv_format,
             self.prefill.formats[prefill_address] or {"bf16"},
             self.decode.formats[decode_address] or {"bf16"},
             self.config.gateway.link_gbps,

@@ -10,6 +10,7 @@ backend's generator, which aborts the request upstream.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ USER_HEADER = "x-stageserve-user"
 APP_HEADER = "x-stageserve-app"
 INTERACTION_HEADER = "x-stageserve-interaction-id"
 CALL_INDEX_HEADER = "x-stageserve-call-index"
+KV_FORMAT_HEADER = "x-stageserve-kv-format"
 DEFAULT_USER = "anonymous"
 DEFAULT_APP = "default"
 IMAGES_UNSUPPORTED = "images are not supported by this deployment yet"
@@ -58,6 +60,7 @@ class HttpGenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     tenant: TenantHeaders
+    kv_format: str | None = None  # x-stageserve-kv-format: override the negotiated KV format (benchmarks)
 
 
 @dataclass
@@ -506,6 +509,9 @@ async def _serve(request: Request, backend: GenerateBackend, ep: _Endpoint) -> R
         body = await _parse_body(request, ep.body_type)
         tenant = tenant_from_headers(request.headers, interaction_id, body.user)
         generate_request, call = _prepare(backend, ep, body, tenant)
+        kv_format = request.headers.get(KV_FORMAT_HEADER)
+        if kv_format:
+            generate_request = dataclasses.replace(generate_request, kv_format=kv_format)
         stream = backend.generate(generate_request)
         if body.stream:
             return await _stream_response(ep, call, stream, headers)

@@ -32,7 +32,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
 
-    def _request(self, request: gateway_pb2.GenerateRequest, tenant: TenantHeaders) -> HttpGenerateRequest:
+    def _request(
+        self, request: gateway_pb2.GenerateRequest, tenant: TenantHeaders, kv_format: str | None
+    ) -> HttpGenerateRequest:
         if request.model and request.model != self.core.model_name:
             raise ModelNotFound(f"model: {request.model!r} is not served here (serving {self.core.model_name!r})")
         which = request.WhichOneof("input")
@@ -47,14 +49,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         else:
             raise BadRequest("input: one of prompt, chat or prompt_token_ids is required", field="input")
         params = sampling_from_proto(request.sampling)
-        return HttpGenerateRequest(request.request_id or new_request_id(), ids, params, tenant)
+        return HttpGenerateRequest(request.request_id or new_request_id(), ids, params, tenant, kv_format)
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.TokenEvent]:
         try:
-            tenant = tenant_from_metadata(context.invocation_metadata())
-            call = self._request(request, tenant)
+            metadata = context.invocation_metadata()
+            tenant = tenant_from_metadata(metadata)
+            kv_format = dict(metadata or ()).get("x-stageserve-kv-format")
+            call = self._request(request, tenant, kv_format if isinstance(kv_format, str) else None)
             await context.send_initial_metadata((("x-stageserve-interaction-id", tenant.interaction_id),))
             async for delta in self.core.generate(call):
                 event = common_pb2.TokenEvent(
