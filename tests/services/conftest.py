@@ -1,0 +1,22 @@
+"""A real pipeline (five stages as processes on 127.0.0.1, free ports) shared by the service tests."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def pipeline():
+    """Starts `stageserve up`'s supervisor on free ports (small KV caches) and yields its Endpoints."""
+    from stageserve.serving.supervisor import Supervisor, free_port_config
+
+    config = free_port_config(
+        prefill={"kv_cache_memory_bytes": 128 << 20},
+        decode={"kv_cache_memory_bytes": 256 << 20},
+    )
+    supervisor = Supervisor(config, startup_timeout_s=300.0)
+    endpoints = supervisor.start()
+    try:
+        yield endpoints
+    finally:
+        supervisor.stop()
