@@ -72,6 +72,7 @@ class EngineStageConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     link_rate_gbps: float = 0.0  # prefill only: emulate a slower link to decode (0 = no limit)
+    stream_kv_layerwise: bool = True  # prefill only: send each page as produced (False: after the forward pass)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ async def main() -> None:
     address = config.replica_address("prefill", replica)
     engine = build_engine(config, config.prefill, role="prefill")
     stage = GrpcStage(address, [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name])
-    servicer = PrefillServicer(engine, f"prefill-{replica}", address, config.prefill.link_rate_gbps)
+    servicer = PrefillServicer(
+        engine, f"prefill-{replica}", address, config.prefill.link_rate_gbps, config.prefill.stream_kv_layerwise
+    )
     prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, stage.server)
 
     async def shutdown() -> None:

@@ -23,8 +23,11 @@ _END = object()
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: AsyncEngine, replica_id: str, address: str, link_rate_gbps: float = 0.0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, replica_id: str, address: str, link_rate_gbps: float = 0.0, layerwise: bool = True
+    ) -> None:
         self.engine = engine
+        self.layerwise = layerwise
         self.replica_id = replica_id
         self.address = address
         self.link_rate_gbps = link_rate_gbps
@@ -60,7 +63,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 loop.call_soon_threadsafe(queue.put_nowait, frame)
 
         stub = self._decode(request.decode_address)
-        push = asyncio.ensure_future(stub.PushKV(self._frames(queue, sent)))
+        forward_done = asyncio.Event()
+        if self.layerwise:
+            forward_done.set()
+        push = asyncio.ensure_future(stub.PushKV(self._frames(queue, sent, forward_done)))
         started = time.perf_counter()
         first_token, cached = None, 0
         try:
@@ -72,7 +78,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if isinstance(exc, ValueError):
                 await abort(context, exc)
             raise
-        forward_done = time.perf_counter()
+        forward_end = time.perf_counter()
+        forward_done.set()
         assert first_token is not None
         commit = kvpage_pb2.KVFrame(
             request_id=rid, commit=kvpage_pb2.KVCommit(first_token_id=first_token, num_frames=len(sent))
@@ -88,8 +95,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             num_cached_tokens=cached,
             kv_bytes=sum(len(f.page.payload) for f in sent.values()),
             kv_frames=len(sent),
-            prefill_seconds=forward_done - started,
-            exposed_transfer_seconds=done - forward_done,
+            prefill_seconds=forward_end - started,
+            exposed_transfer_seconds=done - forward_end,
             kv_format=FORMAT_IDS[fmt.format],
         )
 
@@ -107,8 +114,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await abort(context, exc)
 
     async def _frames(
-        self, queue: asyncio.Queue[object], sent: dict[tuple[int, int], kvpage_pb2.KVFrame]
+        self, queue: asyncio.Queue[object], sent: dict[tuple[int, int], kvpage_pb2.KVFrame], start: asyncio.Event
     ) -> AsyncIterator[kvpage_pb2.KVFrame]:
+        """Frames as the forward pass produces them (or, when not layer-wise, only once it has ended)."""
+        await start.wait()
         while True:
             frame = await queue.get()
             if frame is _END:
