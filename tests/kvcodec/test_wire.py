@@ -1,0 +1,75 @@
+"""KV frames: span split, byte-exact pack/unpack for bf16 and fp8, layer-wise framing as rows arrive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stageserve.kvcodec import wire
+from stageserve.kvcodec.format import PageFormat
+
+H, D = 3, 64
+
+
+def test_spans_follow_the_page_convention():
+    fmt = PageFormat("bf16", H, D)
+    spans = wire.spans(fmt, 4 + 64 * 2 + 10)
+    assert [(s.kind, s.start, s.length) for s in spans] == [
+        ("sinks", 0, 4),
+        ("page", 4, 64),
+        ("page", 68, 64),
+        ("tail", 132, 10),
+    ]
+    assert [s.index for s in spans] == [0, 1, 2, 3]
+    assert [(s.kind, s.length) for s in wire.spans(fmt, 3)] == [("sinks", 3)]
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8"])
+@pytest.mark.parametrize("num_tokens", [3, 68, 100])
+def test_pack_unpack_round_trip_and_sizes(name, num_tokens):
+    fmt = PageFormat(name, H, D)
+    torch.manual_seed(0)
+    k, v = torch.randn(num_tokens, H, D) * 3, torch.randn(num_tokens, H, D)
+    total = 0
+    for span in wire.spans(fmt, num_tokens):
+        payload = wire.pack(fmt, span, k[span.start : span.end], v[span.start : span.end])
+        total += len(payload)
+        k2, v2 = wire.unpack(fmt, span, payload)
+        ref_k, ref_v = k[span.start : span.end], v[span.start : span.end]
+        if name == "bf16" or span.kind == "sinks":  # sinks always travel as BF16
+            assert torch.equal(k2, ref_k.bfloat16().float()) and torch.equal(v2, ref_v.bfloat16().float())
+        else:  # E4M3 has 3 mantissa bits: relative error <= 2^-4 of the head's max, plus scale rounding
+            assert (k2 - ref_k).abs().max() <= ref_k.abs().max() * 0.07
+            assert (v2 - ref_v).abs().max() <= ref_v.abs().max() * 0.07
+    assert total == fmt.request_bytes(num_tokens, 1, wire=True)
+
+
+def test_checksum_detects_a_flipped_bit():
+    payload = bytes(range(256)) * 4
+    damaged = bytes([payload[0] ^ 1]) + payload[1:]
+    assert wire.checksum(payload) != wire.checksum(damaged)
+
+
+def test_framer_emits_each_span_once_rows_exist_in_any_chunking():
+    fmt = PageFormat("bf16", H, D)
+    n = 4 + 64 + 20
+    k, v = torch.randn(n, H, D), torch.randn(n, H, D)
+    framer = wire.LayerFramer(fmt, num_layers=2, num_tokens=n)
+    got = framer.add(0, 0, k[:10], v[:10])
+    assert [s.kind for s, _ in got] == ["sinks"]
+    got = framer.add(0, 10, k[10:60], v[10:60])
+    assert got == []  # the first page (4..68) is not complete yet
+    got = framer.add(0, 60, k[60:], v[60:])
+    assert [s.kind for s, _ in got] == ["page", "tail"]
+    page_k, _ = wire.unpack(fmt, got[0][0], got[0][1])
+    assert torch.equal(page_k, k[4:68].bfloat16().float())
+    assert [s.kind for s, _ in framer.add(1, 0, k, v)] == ["sinks", "page", "tail"]
+    with pytest.raises(ValueError, match="expected"):
+        framer.add(1, 5, k[:1], v[:1])
+
+
+def test_formats_without_a_wire_packer_are_refused_clearly():
+    fmt = PageFormat("hack2", H, D)
+    span = wire.spans(fmt, 68)[1]
+    with pytest.raises(ValueError, match="cannot be sent yet"):
+        wire.pack(fmt, span, torch.zeros(64, H, D), torch.zeros(64, H, D))
