@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -128,7 +128,7 @@ class Stream:
         self._timeout, self._retry = timeout, retry
         self._events = self._run()
 
-    def _run(self) -> Iterator[StreamEvent]:
+    def _run(self) -> Generator[StreamEvent, None, None]:
         deadline = time.monotonic() + self._timeout
         retries = 0
         while True:
@@ -300,7 +300,7 @@ class AsyncStream:
         self._timeout, self._retry = timeout, retry
         self._events = self._run()
 
-    async def _run(self) -> AsyncIterator[StreamEvent]:
+    async def _run(self) -> AsyncGenerator[StreamEvent, None]:
         deadline = time.monotonic() + self._timeout
         retries = 0
         while True:
@@ -333,7 +333,7 @@ class AsyncStream:
 
     async def aclose(self) -> None:
         """Cancels the call if it is still running."""
-        await self._events.aclose()  # type: ignore[attr-defined]
+        await self._events.aclose()
 
     async def __aenter__(self) -> AsyncStream:
         return self
