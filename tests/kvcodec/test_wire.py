@@ -68,8 +68,25 @@ def test_framer_emits_each_span_once_rows_exist_in_any_chunking():
         framer.add(1, 5, k[:1], v[:1])
 
 
-def test_formats_without_a_wire_packer_are_refused_clearly():
-    fmt = PageFormat("hack2", H, D)
-    span = wire.spans(fmt, 68)[1]
-    with pytest.raises(ValueError, match="cannot be sent yet"):
-        wire.pack(fmt, span, torch.zeros(64, H, D), torch.zeros(64, H, D))
+@pytest.mark.parametrize(("name", "bits"), [("hack2", 2), ("hack4", 4), ("hack-k4v2", 2), ("kivi2", 2)])
+def test_code_formats_round_trip_within_their_quantization_step(name, bits):
+    fmt = PageFormat(name, H, D)
+    torch.manual_seed(1)
+    n = 4 + 64 + 30
+    k, v = torch.randn(n, H, D), torch.randn(n, H, D)
+    total = 0
+    for span in wire.spans(fmt, n):
+        payload = wire.pack(fmt, span, k[span.start : span.end], v[span.start : span.end])
+        total += len(payload)
+        k2, v2 = wire.unpack(fmt, span, payload)
+        ref_k, ref_v = k[span.start : span.end], v[span.start : span.end]
+        if span.kind == "sinks":
+            assert torch.equal(k2, ref_k.bfloat16().float())
+            continue
+        b_k, b_v = (fmt.bits_k, fmt.bits_v) if span.kind == "page" else (fmt.tail_bits, fmt.tail_bits)
+        # round-to-nearest: error <= half a step (range / (2^b - 1) / 2) plus BF16 rounding of scale and min
+        k_step = (ref_k.amax(0) - ref_k.amin(0)) / ((1 << b_k) - 1)
+        assert ((k2 - ref_k).abs() <= k_step / 2 * 1.05 + 0.02).all()
+        v_step = (ref_v.amax(-1, keepdim=True) - ref_v.amin(-1, keepdim=True)) / ((1 << b_v) - 1)
+        assert ((v2 - ref_v).abs() <= v_step / 2 * 1.05 + 0.02).all()
+    assert total == fmt.request_bytes(n, 1, wire=True)

@@ -24,7 +24,7 @@ from stageserve.v1 import (
     prefill_pb2_grpc,
 )
 
-FORMATS = ("bf16", "fp8")
+FORMATS = ("bf16", "fp8", "hack2", "hack-k4v2")
 
 
 def _disaggregated_in_process(loaded, ids: list[int], params: SamplingParams, fmt_name: str) -> list[int]:

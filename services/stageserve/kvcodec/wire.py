@@ -3,8 +3,10 @@
 A prompt of T tokens is cut by ``PageFormat``'s convention into the sinks (tokens 0..S-1, always BF16),
 closed pages of Π tokens, and the tail (the open block), each sent per layer as one frame as soon as that
 layer's rows for it exist. Payload bytes follow the format's field layout exactly (one KV head after the
-other); a CRC-32 of the payload travels in the frame header. Formats packed here: ``bf16`` and ``fp8``
-(E4M3 codes with one BF16 scale per head per page per tensor).
+other); a CRC-32 of the payload travels in the frame header. Formats: ``bf16``, ``fp8`` (E4M3 codes with
+one BF16 scale per head per page per tensor) and the HACK code formats (``hack2``, ``hack4``, ``hack-k4v2``,
+``kivi2``: 2/4-bit codes with BF16 scales and mins, cached code sums; the tail is sent with
+``tail_bits``-bit codes and its own scales, see ``kvcodec.reference``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from stageserve.kvcodec.format import FieldSpec, PageFormat
+from stageserve.kvcodec.reference import QuantPage, dequantize_page, pack_codes, quantize_page, unpack_codes
 
-WIRE_FORMATS = ("bf16", "fp8")
+WIRE_FORMATS = ("bf16", "fp8", "hack2", "hack4", "hack-k4v2", "kivi2")
+_TORCH_DTYPES = {"u8": torch.uint8, "u16": torch.uint16, "bf16": torch.bfloat16}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -85,21 +89,48 @@ def pack(fmt: PageFormat, span: Span, k: torch.Tensor, v: torch.Tensor) -> bytes
     kind, layout = _layout(fmt, span)
     head = _head_bytes(layout)
     buf = bytearray(head * fmt.num_kv_heads)
+    bits = _bits(fmt, span)
     for h in range(fmt.num_kv_heads):
-        fields = _head_fields(kind.format, k[:, h], v[:, h])
+        fields = _head_fields(kind.format, k[:, h], v[:, h], bits, fmt.v_chunk)
         for name, spec in layout.items():
-            data = _as_bytes(fields[name])
+            data = _as_bytes(fields[name].to(_TORCH_DTYPES[spec.dtype]))
             assert len(data) == spec.nbytes, (name, len(data), spec.nbytes)
             buf[h * head + spec.offset : h * head + spec.offset + spec.nbytes] = data
     return bytes(buf)
 
 
-def _head_fields(format_name: str, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-    if format_name == "bf16":
+def _bits(fmt: PageFormat, span: Span) -> tuple[int, int]:
+    """(K bits, V bits) of a span: the format's for full pages, ``tail_bits`` for the tail."""
+    if span.kind == "tail" and fmt.format not in ("bf16", "fp8"):
+        return fmt.tail_bits, fmt.tail_bits
+    return fmt.bits_k, fmt.bits_v
+
+
+def _head_fields(
+    format_name: str, k: torch.Tensor, v: torch.Tensor, bits: tuple[int, int], v_chunk: int
+) -> dict[str, torch.Tensor]:
+    if format_name == "bf16" or bits == (16, 16):
         return {"k": k.to(torch.bfloat16), "v": v.to(torch.bfloat16)}
-    k_codes, k_scale = _fp8_fields(k)
-    v_codes, v_scale = _fp8_fields(v)
-    return {"k_codes": k_codes, "k_scale": k_scale, "v_codes": v_codes, "v_scale": v_scale}
+    if format_name == "fp8":
+        k_codes, k_scale = _fp8_fields(k)
+        v_codes, v_scale = _fp8_fields(v)
+        return {
+            "k_codes": k_codes.view(torch.uint8),
+            "k_scale": k_scale,
+            "v_codes": v_codes.view(torch.uint8),
+            "v_scale": v_scale,
+        }
+    page = quantize_page(k, v, bits[0], bits[1], v_chunk)
+    return {
+        "k_codes": pack_codes(page.k_codes, bits[0]),
+        "k_scale": page.k_scale,
+        "k_min": page.k_min,
+        "k_sums": page.k_sums,
+        "v_codes": pack_codes(page.v_codes, bits[1]),
+        "v_scale": page.v_scale,
+        "v_min": page.v_min,
+        "v_sums": page.v_sums,
+    }
 
 
 def unpack(fmt: PageFormat, span: Span, payload: bytes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,21 +140,44 @@ def unpack(fmt: PageFormat, span: Span, payload: bytes) -> tuple[torch.Tensor, t
     if len(payload) != head * fmt.num_kv_heads:
         raise ValueError(f"payload of {len(payload)} bytes, expected {head * fmt.num_kv_heads}")
     raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    bits = _bits(fmt, span)
     ks, vs = [], []
     for h in range(fmt.num_kv_heads):
-
-        def field(name: str, dtype: torch.dtype, h: int = h) -> torch.Tensor:
-            spec = layout[name]
-            start = h * head + spec.offset
-            return raw[start : start + spec.nbytes].view(dtype).reshape(spec.shape)
-
-        if kind.format == "bf16":
-            ks.append(field("k", torch.bfloat16).float())
-            vs.append(field("v", torch.bfloat16).float())
-        else:
-            ks.append(field("k_codes", torch.float8_e4m3fn).float() * field("k_scale", torch.bfloat16).float())
-            vs.append(field("v_codes", torch.float8_e4m3fn).float() * field("v_scale", torch.bfloat16).float())
+        fields = {
+            name: raw[h * head + spec.offset : h * head + spec.offset + spec.nbytes]
+            .view(_TORCH_DTYPES[spec.dtype])
+            .reshape(spec.shape)
+            for name, spec in layout.items()
+        }
+        k, v = _head_values(kind.format, fields, bits, fmt.v_chunk)
+        ks.append(k)
+        vs.append(v)
     return torch.stack(ks, dim=1), torch.stack(vs, dim=1)
+
+
+def _head_values(
+    format_name: str, f: dict[str, torch.Tensor], bits: tuple[int, int], v_chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if "k" in f:
+        return f["k"].float(), f["v"].float()
+    if format_name == "fp8":
+        fp8 = torch.float8_e4m3fn
+        return (
+            f["k_codes"].view(fp8).float() * f["k_scale"].float(),
+            f["v_codes"].view(fp8).float() * f["v_scale"].float(),
+        )
+    page = QuantPage(
+        unpack_codes(f["k_codes"], bits[0]),
+        f["k_scale"],
+        f["k_min"],
+        f["k_sums"].to(torch.int32),
+        unpack_codes(f["v_codes"], bits[1]),
+        f["v_scale"],
+        f["v_min"],
+        f["v_sums"].to(torch.int32),
+        v_chunk,
+    )
+    return dequantize_page(page)
 
 
 class LayerFramer:

@@ -20,7 +20,7 @@ FORMAT_IDS = {name: value for value, name in FORMAT_NAMES.items()}
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
     """Raises InvalidRequestError (naming the field) for out-of-range values."""
     return SamplingParams(
-        max_tokens=p.max_tokens or 16,
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else 16,
         temperature=p.temperature,
         top_p=p.top_p or 1.0,
         top_k=p.top_k,

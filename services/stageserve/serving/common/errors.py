@@ -62,6 +62,12 @@ class PermissionDenied(StageServeError):
     error_type = "permission_denied"
 
 
+class Timeout(StageServeError):
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
+    error_type = "timeout"
+
+
 class DataLoss(StageServeError):
     grpc_code = grpc.StatusCode.DATA_LOSS
     http_status = 502
@@ -76,7 +82,7 @@ _FROM_GRPC = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.DATA_LOSS: DataLoss,
-    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Timeout,
 }
 
 
