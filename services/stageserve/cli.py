@@ -86,17 +86,39 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument(
         "--reference", action="store_true", help="also compute transformers' perplexity on the same windows"
     )
+    ppl.add_argument(
+        "--kv-format",
+        default=None,
+        help="score every token by a decode step over a cache in this format (bf16, fp8, kivi2, hack2, hack4, "
+        "hack-k4v2); default: one forward pass per window in the model dtype",
+    )
+    ppl.add_argument("--partition", type=int, default=64, help="tokens per quantized page (32, 64, 128)")
     ppl.set_defaults(func=_eval_ppl)
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
     from stageserve.engine import LLM
-    from stageserve.tools.eval_ppl import corpus_tokens, perplexity
+    from stageserve.tools.eval_ppl import corpus_tokens, perplexity, perplexity_by_decode_steps
 
-    llm = LLM(model=args.model, dtype=args.dtype)
+    if args.kv_format:
+        blocks = -(-args.tokens // 16) + 64
+        llm = LLM(
+            model=args.model,
+            dtype=args.dtype,
+            kv_format=args.kv_format,
+            kv_page_size=args.partition,
+            num_kv_blocks=blocks,
+        )
+    else:
+        llm = LLM(model=args.model, dtype=args.dtype)
     ids = corpus_tokens(llm.tokenizer, args.data, args.tokens)
-    result = perplexity(llm.engine.score, ids, args.window, progress=True)
+    if args.kv_format:
+        result = perplexity_by_decode_steps(llm.engine, ids, args.window)
+    else:
+        result = perplexity(llm.engine.score, ids, args.window, progress=True)
     report = {
+        "kv_format": args.kv_format or "model dtype",
+        "partition": args.partition if args.kv_format else None,
         "model": llm.engine.model_config.name,
         "dtype": args.dtype,
         "stageserve_ppl": round(result.perplexity, 4),

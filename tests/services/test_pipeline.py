@@ -34,7 +34,7 @@ def _disaggregated_in_process(loaded, ids: list[int], params: SamplingParams, fm
     mc = loaded.config
     fmt = PageFormat(fmt_name, mc.num_key_value_heads, mc.head_dim)
     framer = wire.LayerFramer(fmt, mc.num_hidden_layers, len(ids))
-    decode.engine.begin_import("r", ids, params)
+    decode.engine.begin_import("r", ids, params, fmt_name)
 
     def sink(layer, start, k, v):
         for span, payload in framer.add(layer, start, k, v):

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 Role = Literal["both", "prefill", "decode"]
+KV_FORMATS = ("auto", "bf16", "fp8", "kivi2", "hack2", "hack4", "hack-k4v2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -27,12 +28,19 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     role: Role = "both"
     seed: int = 0
+    # KV cache format: "auto" keeps K/V in the model dtype. A page format (bf16, fp8, hack2, hack4, hack-k4v2,
+    # kivi2) stores sinks and the open block in BF16 and quantizes each page of 64 tokens once, when it fills.
+    # Quantized formats turn prefix caching off (a shared block would belong to pages of different requests).
+    kv_format: str = "auto"
+    kv_page_size: int = 64  # Π, tokens per quantized page (32, 64 or 128)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
+        if self.kv_format not in KV_FORMATS:
+            raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)}, got {self.kv_format!r}")
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
             raise ValueError("block_size and num_kv_blocks must be >= 1")
 

@@ -12,17 +12,20 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import trange
 
 from stageserve.core.sampling import SamplingParams
 from stageserve.engine.attention import KVSink, TorchAttentionBackend
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.detokenizer import IncrementalDetokenizer
 from stageserve.engine.kv_cache import PagedKVCache
+from stageserve.engine.kv_quant import PageCloser
 from stageserve.engine.model_runner import ModelRunner
 from stageserve.engine.outputs import TokenEvent
 from stageserve.engine.sampler import sample
+from stageserve.kvcodec.format import PageFormat
 from stageserve.models.loader import LoadedModel, load_model
-from stageserve.policy.batching.scheduler import Scheduler, SchedulerConfig
+from stageserve.policy.batching.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from stageserve.policy.batching.sequence import Sequence
 from stageserve.policy.kvblocks.block_manager import BlockManager
 
@@ -38,6 +41,8 @@ class _Request:
     generator: torch.Generator
     kv_sink: KVSink | None = None
     exported: int = 0
+    page_format: PageFormat | None = None  # quantize-on-append format of this request's cache pages
+    closed_upto: int = 0  # start of the open block: pages before it are quantized
     pending: list[int] = field(default_factory=list)  # tokens not yet reported in a TokenEvent
     first_token_time: float | None = None
 
@@ -55,10 +60,18 @@ class LLMEngine:
                 mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.torch_dtype
             ),
         )
+        quantized = config.kv_format != "auto" and config.role != "prefill"
         self.cache = PagedKVCache(
-            mc.num_hidden_layers, num_blocks, config.block_size, mc.num_key_value_heads, mc.head_dim, config.torch_dtype
+            mc.num_hidden_layers,
+            num_blocks,
+            config.block_size,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            config.torch_dtype,
+            storage_dtype=torch.bfloat16 if quantized else None,
         )
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.page_closer = PageCloser(self.cache)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and not quantized)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
             self.blocks,
@@ -85,6 +98,8 @@ class LLMEngine:
         """Queues a request. In the prefill role ``kv_sink`` receives its KV, layer by layer."""
         req = self._new_request(request_id, prompt_token_ids, params, arrival_time)
         req.kv_sink = kv_sink
+        if self.config.kv_format != "auto" and self.config.role != "prefill":
+            req.page_format = self.page_format(self.config.kv_format)
         self.scheduler.add(req.seq)
         self.requests[request_id] = req
 
@@ -136,9 +151,18 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     # ---- decode role: KV arrives from a prefill engine ---------------------------------------------
-    def begin_import(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Reserves blocks for a prompt whose KV will arrive by ``import_kv``."""
+    def page_format(self, name: str) -> PageFormat:
+        mc = self.model_config
+        return PageFormat(name, mc.num_key_value_heads, mc.head_dim, page_size=self.config.kv_page_size)
+
+    def begin_import(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, kv_format: str | None = None
+    ) -> None:
+        """Reserves blocks for a prompt whose KV will arrive by ``import_kv``. Pages of ``kv_format`` arrive
+        already quantized and are installed as they are; pages decode fills later are quantized once."""
         req = self._new_request(request_id, prompt_token_ids, params, None)
+        fmt_name = kv_format or (self.config.kv_format if self.config.kv_format != "auto" else None)
+        req.page_format = self.page_format(fmt_name) if fmt_name else None
         if not self.blocks.allocate(req.seq.block_table, len(prompt_token_ids)):
             raise KVCacheFullError(f"no free KV blocks for {len(prompt_token_ids)} tokens")
         self._imports[request_id] = req
@@ -155,6 +179,10 @@ class LLMEngine:
         req = self._imports.pop(request_id)
         seq = req.seq
         seq.num_computed_tokens = seq.num_prompt_tokens
+        if req.page_format is not None:
+            # Imported pages, the tail included (a closed partial page), are never re-quantized; the pages
+            # decode fills start at the prompt's end.
+            req.closed_upto = seq.num_prompt_tokens
         self.blocks.commit_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
         self.requests[request_id] = req
         self.scheduler.add_running(seq)
@@ -178,6 +206,7 @@ class LLMEngine:
                 req = self.requests[s.seq.request_id]
                 req.exported = max(req.exported, s.seq.num_computed_tokens)
                 self.blocks.commit_full_blocks(s.seq.block_table, s.seq.token_ids, s.seq.num_computed_tokens)
+                self._close_pages(req)
             if completing:
                 reqs = [self.requests[s.request_id] for s in completing]
                 tokens = sample(
@@ -192,6 +221,16 @@ class LLMEngine:
             if req.pending or req.seq.finish_reason:
                 events.append(self._event(req))
         return events
+
+    def _close_pages(self, req: _Request) -> None:
+        if req.page_format is None:
+            return
+        seq = req.seq
+        if seq.num_computed_tokens < req.closed_upto:  # preempted and recomputing: its pages are new
+            req.closed_upto = 0
+        req.closed_upto = self.page_closer.close_ready(
+            req.page_format, seq.block_table, seq.num_computed_tokens, req.closed_upto
+        )
 
     def _banned(self, seq: Sequence) -> list[int]:
         if seq.num_output_tokens >= seq.params.min_tokens:
@@ -242,3 +281,35 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Log-probabilities of token_ids[1:] given their prefixes (for perplexity)."""
         return self.runner.score(token_ids)
+
+    @torch.inference_mode()
+    def score_by_decode_steps(self, windows: list[list[int]], progress: bool = False) -> list[torch.Tensor]:
+        """Like ``score`` but every token is scored by a decode step that attends to the paged cache, pages
+        quantized in this engine's ``kv_format`` as they fill: the path a served request takes. All windows
+        advance together, one token per step."""
+        fmt = self.page_format(self.config.kv_format) if self.config.kv_format != "auto" else None
+        seqs = [
+            Sequence(f"score-{i}", list(w), len(w), SamplingParams(max_tokens=1), 0.0) for i, w in enumerate(windows)
+        ]
+        for seq in seqs:
+            if not self.blocks.allocate(seq.block_table, len(seq.token_ids)):
+                raise ValueError("windows do not fit in the KV cache; use fewer or smaller windows")
+        closed = [0] * len(seqs)
+        out: list[list[torch.Tensor]] = [[] for _ in seqs]
+        try:
+            for t in trange(max(len(w) for w in windows) - 1, desc="decode steps", disable=not progress):
+                live = [i for i, w in enumerate(windows) if t < len(w) - 1]
+                step = []
+                for i in live:
+                    seqs[i].num_computed_tokens = t
+                    seqs[i].token_ids = windows[i][: t + 1]
+                    step.append(ScheduledSeq(seqs[i], 1))
+                logprobs = torch.log_softmax(self.runner.execute(step, {}, {}), dim=-1)
+                for row, i in enumerate(live):
+                    out[i].append(logprobs[row, windows[i][t + 1]])
+                    if fmt is not None:
+                        closed[i] = self.page_closer.close_ready(fmt, seqs[i].block_table, t + 1, closed[i])
+        finally:
+            for seq in seqs:
+                self.blocks.free(seq.block_table)
+        return [torch.stack(x) for x in out]

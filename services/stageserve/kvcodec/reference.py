@@ -161,3 +161,27 @@ def decode_attention(
         part = p @ v.float() if kind == "dense" else values_on_codes(p, seg, int8)  # type: ignore[arg-type]
         den, acc, mx = den * r + p.sum(-1, keepdim=True), acc * r + part, mx2
     return acc / den
+
+
+def roundtrip_page(
+    k: torch.Tensor, v: torch.Tensor, fmt_name: str, bits: tuple[int, int], v_chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a page of ``fmt_name`` stores, as values: k, v [..., rows, d] -> quantized then dequantized
+    (batched over leading dims, e.g. KV heads). bf16 rounds; fp8 uses one scale per head per tensor."""
+    if fmt_name == "bf16" or bits == (16, 16):
+        return k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
+    if fmt_name == "fp8":
+        return _fp8_roundtrip(k), _fp8_roundtrip(v)
+    *lead, rows, d = k.shape
+    kc, ks, km = _quantize(k.float(), -2, bits[0], None)
+    k_hat = kc.float() * ks.float().unsqueeze(-2) + km.float().unsqueeze(-2)
+    g = d // v_chunk
+    vc, vs, vm = _quantize(v.float().reshape(*lead, rows, g, v_chunk), -1, bits[1], None)
+    v_hat = vc.float() * vs.float().unsqueeze(-1) + vm.float().unsqueeze(-1)
+    return k_hat, v_hat.reshape(*lead, rows, d)
+
+
+def _fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    amax = x.abs().amax(dim=(-2, -1), keepdim=True).float()
+    scale = (amax / 448.0).clamp(min=1e-12).to(torch.bfloat16).float()
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale

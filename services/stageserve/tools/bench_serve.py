@@ -790,7 +790,8 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"   ({lw['skipped']})")
         lines.append("   JCT under the slow link, bf16 vs fp8:")
         row = "   {:<6}{:>16}{:>16}{:>18}{:>18}"
-        lines.append(row.format("format", "serve E2E mean", "serve E2E p50", "1K JCT (direct)", "1K exposed s"))
+        n = lw["prompt_tokens"]
+        lines.append(row.format("format", "serve E2E mean", "serve E2E p50", f"{n}-tok JCT", f"{n}-tok exposed s"))
         for fmt in dict.fromkeys([*result.get("jct_slow_link", {}), *lw.get("jct_by_format", {})]):
             serve = result.get("jct_slow_link", {}).get(fmt, {})
             direct = lw.get("jct_by_format", {}).get(fmt, {})

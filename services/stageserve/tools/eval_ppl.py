@@ -61,3 +61,13 @@ def perplexity(score: ScoreFn, ids: list[int], window: int, progress: bool = Fal
         nll -= float(logprobs.double().sum())
         count += len(chunk) - 1
     return PerplexityResult(math.exp(nll / count), nll, count, len(chunks), window)
+
+
+def perplexity_by_decode_steps(engine: Any, ids: list[int], window: int) -> PerplexityResult:
+    """Perplexity where every token is scored by a decode step over the engine's (possibly quantized) paged
+    cache; all windows advance together. Same windows and token set as ``perplexity``."""
+    chunks = windows(ids, window)
+    logprobs = engine.score_by_decode_steps(chunks, progress=True)
+    nll = -sum(float(lp.double().sum()) for lp in logprobs)
+    count = sum(len(c) - 1 for c in chunks)
+    return PerplexityResult(math.exp(nll / count), nll, count, len(chunks), window)

@@ -77,7 +77,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             params = sampling_from_proto(request.sampling)
             fmt = page_format(self.engine, format_name(request.kv_format))
             ids = list(request.prompt_token_ids)
-            await self.engine.call(lambda: self.engine.engine.begin_import(rid, ids, params))
+            await self.engine.call(lambda: self.engine.engine.begin_import(rid, ids, params, fmt.format))
         except KVCacheFullError as exc:
             await abort(context, Overloaded(str(exc), retry_after_s=1.0))
         except ValueError as exc:
