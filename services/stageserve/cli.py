@@ -163,6 +163,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--no-transformers", action="store_true", help="skip the transformers side")
     off.add_argument("--json", default=None, help="also write the results to this file")
     off.set_defaults(func=_bench_offline)
+    from stageserve.tools.bench_serve import add_bench_serve_parser
+
+    add_bench_serve_parser(bsub)
 
 
 def _bench_offline(args: argparse.Namespace) -> int:

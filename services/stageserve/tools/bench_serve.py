@@ -789,9 +789,11 @@ def format_report(result: dict[str, Any]) -> str:
         if lw.get("skipped"):
             lines.append(f"   ({lw['skipped']})")
         lines.append("   JCT under the slow link, bf16 vs fp8:")
-        row = "   {:<6}{:>16}{:>16}{:>18}{:>18}"
+        row = "   {:<6}{:>16}{:>16}{:>24}{:>24}"
         n = lw["prompt_tokens"]
-        lines.append(row.format("format", "serve E2E mean", "serve E2E p50", f"{n}-tok JCT", f"{n}-tok exposed s"))
+        lines.append(
+            row.format("format", "serve E2E mean", "serve E2E p50", f"JCT ({n}-tok, direct)", f"exposed s ({n}-tok)")
+        )
         for fmt in dict.fromkeys([*result.get("jct_slow_link", {}), *lw.get("jct_by_format", {})]):
             serve = result.get("jct_slow_link", {}).get(fmt, {})
             direct = lw.get("jct_by_format", {}).get(fmt, {})
@@ -800,8 +802,8 @@ def format_report(result: dict[str, Any]) -> str:
                     fmt,
                     _f(serve.get("e2e_mean_s"), ".3f", 16),
                     _f(serve.get("e2e_p50_s"), ".3f", 16),
-                    _f(direct.get("jct_s_mean"), ".3f", 18),
-                    _f(direct.get("exposed_transfer_s_mean"), ".4f", 18),
+                    _f(direct.get("jct_s_mean"), ".3f", 24),
+                    _f(direct.get("exposed_transfer_s_mean"), ".4f", 24),
                 )
             )
     else:
