@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
@@ -31,7 +32,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 _MIN_TIMEOUT_S = 0.001
 
 
-class _Base:
+class _Base(abc.ABC):
     """Settings and request building shared by Client and AsyncClient."""
 
     def __init__(
@@ -56,8 +57,9 @@ class _Base:
         self.retry = RetryPolicy(max_retries, backoff_s, retry_on_overload)
         self._open()
 
+    @abc.abstractmethod
     def _open(self) -> None:
-        raise NotImplementedError
+        """Creates the channel and stub (a blocking one for Client, grpc.aio for AsyncClient)."""
 
     def _prepare(
         self,
