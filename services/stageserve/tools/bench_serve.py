@@ -19,7 +19,7 @@ Three reports in one run:
 3. **Exposed transfer after prefill** for layer-wise KV streaming vs sending after the forward pass, under the
    same emulated prefill->decode link (``prefill.link_rate_gbps``): two pipelines differing only in
    ``prefill.stream_kv_layerwise``, direct ``Prefill`` calls on 3 prompts of ~1K tokens in bf16; plus JCT for
-   bf16 vs fp8 under that slow link.
+   each format side by side under that slow link.
 
 Without ``--gateway`` the bench starts its own pipeline(s) with :class:`Supervisor` on free ports (prefix caching
 off, so replaying the same prompts for the second format is not served from cache) and stops them at the end.
@@ -788,7 +788,7 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"   layer-wise streaming hides {lw['modes']['exposed_saved_s']:.4f}s of exposed transfer")
         if lw.get("skipped"):
             lines.append(f"   ({lw['skipped']})")
-        lines.append("   JCT under the slow link, bf16 vs fp8:")
+        lines.append("   JCT under the slow link, per format:")
         row = "   {:<6}{:>16}{:>16}{:>24}{:>24}"
         n = lw["prompt_tokens"]
         lines.append(
