@@ -56,20 +56,27 @@ def format_name(value: int) -> str:
     return FORMAT_NAMES[value]
 
 
-def event_to_proto(event: TokenEvent, completion_tokens: int) -> common_pb2.TokenEvent:
+def token_event(
+    request_id: str,
+    token_ids: list[int],
+    text: str,
+    finish_reason: str | None,
+    usage: tuple[int, int, int] | None,
+) -> common_pb2.TokenEvent:
+    """A TokenEvent; ``usage`` (prompt, completion, cached tokens) is set on the final event only."""
     msg = common_pb2.TokenEvent(
-        request_id=event.request_id,
-        token_ids=event.token_ids,
-        text=event.text,
-        finished=event.finished,
-        finish_reason=event.finish_reason or "",
+        request_id=request_id,
+        token_ids=token_ids,
+        text=text,
+        finished=usage is not None,
+        finish_reason=finish_reason or "",
     )
-    if event.finished:
-        msg.usage.CopyFrom(
-            common_pb2.Usage(
-                prompt_tokens=event.num_prompt_tokens,
-                completion_tokens=completion_tokens,
-                cached_tokens=event.num_cached_tokens,
-            )
-        )
+    if usage is not None:
+        prompt, completion, cached = usage
+        msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached))
     return msg
+
+
+def event_to_proto(event: TokenEvent, completion_tokens: int) -> common_pb2.TokenEvent:
+    usage = (event.num_prompt_tokens, completion_tokens, event.num_cached_tokens) if event.finished else None
+    return token_event(event.request_id, event.token_ids, event.text, event.finish_reason, usage)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from stageserve.serving.common.convert import sampling_from_proto
+from stageserve.serving.common.convert import sampling_from_proto, token_event
 from stageserve.serving.common.errors import BadRequest, ModelNotFound, abort
 from stageserve.serving.gateway.core import GatewayCore, new_request_id
 from stageserve.serving.gateway.http import HttpGenerateRequest, TenantHeaders
@@ -61,22 +61,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             call = self._request(request, tenant, kv_format if isinstance(kv_format, str) else None)
             await context.send_initial_metadata((("x-stageserve-interaction-id", tenant.interaction_id),))
             async for delta in self.core.generate(call):
-                event = common_pb2.TokenEvent(
-                    request_id=call.request_id,
-                    token_ids=delta.token_ids,
-                    text=delta.text,
-                    finished=delta.finished,
-                    finish_reason=delta.finish_reason or "",
-                )
-                if delta.finished:
-                    event.usage.CopyFrom(
-                        common_pb2.Usage(
-                            prompt_tokens=delta.prompt_tokens,
-                            completion_tokens=delta.completion_tokens,
-                            cached_tokens=delta.cached_tokens,
-                        )
-                    )
-                yield event
+                usage = (delta.prompt_tokens, delta.completion_tokens, delta.cached_tokens) if delta.finished else None
+                yield token_event(call.request_id, delta.token_ids, delta.text, delta.finish_reason, usage)
         except Exception as exc:  # every failure leaves through the error table
             await abort(context, exc)
 
