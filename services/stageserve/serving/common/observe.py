@@ -1,0 +1,37 @@
+"""Turns on a stage process's observability: its tracer provider, its metric groups, ``stageserve_stage_info``
+and (every stage but the gateway, which serves ``GET /metrics`` on its HTTP port) the metrics HTTP server on
+``metrics_port + 10 * replica``."""
+
+from __future__ import annotations
+
+import logging
+
+from stageserve.serving.common import metrics, tracing
+from stageserve.serving.common.config import REPLICA_PORT_STRIDE, StageServeConfig
+
+log = logging.getLogger("stageserve")
+
+STAGE_METRICS = {
+    "gateway": ("gateway",),
+    "throttler": ("throttler",),
+    "encoder": ("encoder",),
+    "prefill": ("engine", "kv_transfer"),
+    "decode": ("engine", "kv_transfer"),
+}
+
+
+def metrics_port(config: StageServeConfig, stage: str, replica: int) -> int | None:
+    """Where a replica serves Prometheus metrics (None for the gateway: its HTTP port's ``/metrics``)."""
+    if stage == "gateway":
+        return None
+    return int(getattr(config, stage).metrics_port) + REPLICA_PORT_STRIDE * replica
+
+
+def start(config: StageServeConfig, stage: str, replica: int = 0, model_name: str = "") -> None:
+    tracing.setup(stage, replica)
+    metrics.enable(*STAGE_METRICS[stage])
+    metrics.set_stage_info(stage, replica, model_name)
+    port = metrics_port(config, stage, replica)
+    if port is not None:
+        metrics.serve(port, config.host)
+        log.info("metrics on http://%s:%d/metrics", config.host, port)
