@@ -68,6 +68,10 @@ class FCFS:
     def backlogged_users(self) -> frozenset[str]:
         return frozenset(self._queued_per_user)
 
+    def sync_counters(self, values: Mapping[str, float]) -> None:
+        """Replaces users' counters with shared values (throttler replicas sharing state in Redis)."""
+        self._service.update(values)
+
     def counters(self) -> Mapping[str, float]:
         return dict(self._service)
 

@@ -115,6 +115,10 @@ class VTC:
     def backlogged_users(self) -> frozenset[str]:
         return frozenset(self._backlog)
 
+    def sync_counters(self, values: Mapping[str, float]) -> None:
+        """Replaces users' counters with shared values (throttler replicas sharing state in Redis)."""
+        self._counters.update(values)
+
     def counters(self) -> Mapping[str, float]:
         return dict(self._counters)
 

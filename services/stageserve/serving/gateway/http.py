@@ -61,6 +61,7 @@ class HttpGenerateRequest:
     params: SamplingParams
     tenant: TenantHeaders
     kv_format: str | None = None  # x-stageserve-kv-format: override the negotiated KV format (benchmarks)
+    system_tokens: int = 0  # prompt tokens from system/developer messages (fairness accounting)
 
 
 @dataclass
@@ -490,6 +491,12 @@ async def _stream_response(
 
 
 # ---- the app ---------------------------------------------------------------------------------------------
+def _system_tokens(backend: GenerateBackend, body: ChatCompletionBody) -> int:
+    """Approximate system-prompt tokens: the system/developer messages' text, tokenized on its own."""
+    texts = [_message_text(m, i) for i, m in enumerate(body.messages) if m.role in ("system", "developer")]
+    return sum(len(backend.tokenize_prompt(t)) for t in texts if t)
+
+
 def _prepare(
     backend: GenerateBackend, ep: _Endpoint, body: SamplingBody, tenant: TenantHeaders
 ) -> tuple[HttpGenerateRequest, _Call]:
@@ -508,7 +515,12 @@ async def _serve(request: Request, backend: GenerateBackend, ep: _Endpoint) -> R
     try:
         body = await _parse_body(request, ep.body_type)
         tenant = tenant_from_headers(request.headers, interaction_id, body.user)
+        keys = getattr(backend, "api_keys", None)  # gateway/identity.py: per-tenant API keys, when configured
+        if keys:
+            tenant = keys.authorize(tenant, request.headers, request.headers.get("authorization"))
         generate_request, call = _prepare(backend, ep, body, tenant)
+        if isinstance(body, ChatCompletionBody):
+            generate_request = dataclasses.replace(generate_request, system_tokens=_system_tokens(backend, body))
         kv_format = request.headers.get(KV_FORMAT_HEADER)
         if kv_format:
             generate_request = dataclasses.replace(generate_request, kv_format=kv_format)

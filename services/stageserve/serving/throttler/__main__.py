@@ -16,7 +16,9 @@ async def main() -> None:
     stage = GrpcStage(
         config.replica_address("throttler", replica), [throttler_pb2.DESCRIPTOR.services_by_name["Throttler"].full_name]
     )
-    throttler_pb2_grpc.add_ThrottlerServicer_to_server(ThrottlerServicer(config.throttler.policy), stage.server)
+    servicer = ThrottlerServicer(config, replica)
+    throttler_pb2_grpc.add_ThrottlerServicer_to_server(servicer, stage.server)
+    servicer.start_background()
     await stage.run()
 
 
