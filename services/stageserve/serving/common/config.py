@@ -42,20 +42,78 @@ class GatewayConfig:
     max_prompt_bytes: int = 4 << 20
     request_timeout_s: float = 600.0
     link_gbps: float = 10.0  # assumed prefill->decode link bandwidth for format negotiation
+    max_migrations: int = 3  # re-dispatches per request after a prefill/decode failure (token replay)
+    migration_wait_s: float = 30.0  # how long a migrating request waits for a healthy replica
+    throttler_failure_mode: str = "fail-open"  # fail-open (local per-tenant limit) | fail-closed (503)
+    local_tenant_max_inflight: int = 16  # fail-open: concurrent requests per tenant while the throttler is down
+    api_keys: dict = field(default_factory=dict)  # sha256(key) hex -> {user, app?}; set = keys required
+    report_loads: bool = True  # forward the replica loads it polls to the throttler (overload detection)
+    allow_remote_images: bool = False  # fetch http(s) image_url parts (else 400); data: URLs always work
+    remote_image_timeout_s: float = 5.0
+    image_routing: str = "least-pending"  # least-pending (image tokens) | round-robin
+
+    def __post_init__(self) -> None:
+        if self.max_migrations < 0:
+            raise ConfigError("gateway.max_migrations: must be >= 0")
+        if self.throttler_failure_mode not in ("fail-open", "fail-closed"):
+            raise ConfigError("gateway.throttler_failure_mode: must be fail-open or fail-closed")
 
 
 @dataclass(frozen=True)
 class ThrottlerConfig:
     port: int = 50052
     metrics_port: int = 9102
-    policy: str = "always-admit"
+    policy: str = "always-admit"  # always-admit | fcfs | rpm | vtc | fairserve (OIT admission + WSC order)
+    state: str = "embedded"  # embedded | redis (replicas share counters, windows and loads)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "stageserve:throttler"
+    max_running_calls: int = 64  # calls in the engines at once; more are queued (0 = unlimited)
+    max_running_tokens: int = 0  # reserved prompt + max_tokens in the engines at once (0 = unlimited)
+    batch_token_budget: int = 0  # overload unit; 0 = prefill.max_num_batched_tokens x prefill replicas
+    kv_enter: float = 0.90  # overload enters at this KV usage (or queue_enter x budget queued prefill tokens)
+    kv_leave: float = 0.80  # ... and leaves below kv_leave and queue_leave x budget
+    queue_enter: float = 2.0
+    queue_leave: float = 1.0
+    load_ttl_s: float = 3.0  # load reports older than this are ignored
+    limits: dict = field(default_factory=dict)  # app -> {user_per_min, app_per_min, max_calls_per_interaction}
+    default_user_per_min: float = 0.0  # OIT limits of apps not in `limits` (0 = unlimited)
+    default_app_per_min: float = 0.0
+    rpm_user: int = 60  # rpm policy: calls per user per minute (0 = unlimited)
+    rpm_app: int = 0
+    w_in: float = 1.0
+    w_sys: float = 1.0
+    w_out: float = 2.0
+    weights: dict = field(default_factory=dict)  # user -> weight (vtc, fairserve)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("always-admit", "fcfs", "rpm", "vtc", "fairserve"):
+            raise ConfigError(
+                f"throttler.policy: must be one of always-admit, fcfs, rpm, vtc, fairserve, got {self.policy!r}"
+            )
+        if self.state not in ("embedded", "redis"):
+            raise ConfigError(f"throttler.state: must be embedded or redis, got {self.state!r}")
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
+    """Image encoding. The vision_* fields shape the seeded (untrained) tower used when the model is not an
+    HF LLaVA directory; the gateway reads the same fields for its image-token estimate."""
+
     port: int = 50053
     metrics_port: int = 9103
     replicas: int = 1
+    vision_image_size: int = 64  # pixels per tile side
+    vision_patch_size: int = 8
+    vision_hidden_size: int = 256
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_seed: int = 0
+    max_grid: int = 2  # tiles per side for images larger than one tile (plus one thumbnail tile)
+    max_images_per_request: int = 16
+    max_image_bytes: int = 8 << 20
+    max_image_side: int = 4096
+    max_batch_tiles: int = 32  # tiles per vision forward pass
+    embedding_ttl_s: float = 120.0  # encoded embeddings nobody fetched are dropped after this
 
 
 @dataclass(frozen=True)
