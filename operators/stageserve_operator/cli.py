@@ -20,6 +20,7 @@ def add_operator_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p = subparsers.add_parser("operator", help="run the Kubernetes operator, or --local to autoscale local processes")
     p.add_argument("--local", action="store_true", help="drive stage processes on this machine instead of a cluster")
     p.add_argument("--namespace", default=None, help="cluster mode: watch one namespace (default: all)")
+    p.add_argument("--liveness", default=None, help="cluster mode: kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--resource", default=None, help="local: StageServeDeployment YAML (default: built-in)")
     p.add_argument("--config", default=None, help="local: stageserve YAML config of the stack")
     p.add_argument("--prometheus", default=None, help="local: Prometheus base URL (default: start one)")
@@ -48,7 +49,8 @@ def run_operator(args: argparse.Namespace) -> int:
 
         import stageserve_operator.handlers  # noqa: F401  (registers the handlers)
 
-        kopf.run(standalone=True, namespaces=[args.namespace] if args.namespace else [], clusterwide=not args.namespace)
+        kopf.run(standalone=True, namespaces=[args.namespace] if args.namespace else [],
+                 clusterwide=not args.namespace, liveness_endpoint=args.liveness)
         return 0
     return _run_local(args)
 

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     from stageserve.serving.supervisor import add_up_parser
 
     add_up_parser(sub)
+    from stageserve_operator.cli import add_operator_parser
+
+    add_operator_parser(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
