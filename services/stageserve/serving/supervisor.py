@@ -206,6 +206,7 @@ class Endpoints:
     gateway_http: str  # http://host:8000 (also /health)
     gateway_grpc: str  # host:50051
     stages: dict[str, list[str]] = field(default_factory=dict)  # stage -> replica gRPC addresses
+    metrics: dict[str, list[str]] = field(default_factory=dict)  # stage -> replica Prometheus /metrics URLs
 
     def format(self) -> str:
         lines = [
@@ -216,6 +217,8 @@ class Endpoints:
         for stage, addresses in self.stages.items():
             for i, address in enumerate(addresses):
                 lines.append(f"{stage}-{i:<{13 - len(stage) - 1}} {address}")
+        for stage, urls in self.metrics.items():
+            lines += [f"metrics       {url}  ({stage}-{i})" for i, url in enumerate(urls)]
         return "\n".join(lines)
 
 
@@ -226,7 +229,16 @@ def endpoints_for(config: StageServeConfig, stages: Iterable[str] = START_ORDER)
         gateway_http=http,
         gateway_grpc=config.replica_address("gateway", 0),
         stages={stage: config.addresses(stage) for stage in STAGES if stage in set(stages)},
+        metrics={stage: _metrics_urls(config, stage, http) for stage in STAGES if stage in set(stages)},
     )
+
+
+def _metrics_urls(config: StageServeConfig, stage: str, gateway_http: str) -> list[str]:
+    if stage == "gateway":
+        return [f"{gateway_http}/metrics"]
+    base = getattr(config, stage).metrics_port
+    count = replica_count(config, stage)
+    return [f"http://{_hostport(config.host, base + REPLICA_PORT_STRIDE * i)}/metrics" for i in range(count)]
 
 
 # ---- processes ----------------------------------------------------------------------------------------

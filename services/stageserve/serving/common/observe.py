@@ -5,9 +5,12 @@ and (every stage but the gateway, which serves ``GET /metrics`` on its HTTP port
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from stageserve.serving.common import metrics, tracing
 from stageserve.serving.common.config import REPLICA_PORT_STRIDE, StageServeConfig
+from stageserve.serving.kv_formats import WIRE_FORMATS
 
 log = logging.getLogger("stageserve")
 
@@ -27,10 +30,20 @@ def metrics_port(config: StageServeConfig, stage: str, replica: int) -> int | No
     return int(getattr(config, stage).metrics_port) + REPLICA_PORT_STRIDE * replica
 
 
-def start(config: StageServeConfig, stage: str, replica: int = 0, model_name: str = "") -> None:
+def start(
+    config: StageServeConfig, stage: str, replica: int = 0, model_name: str = "", load: Callable[[], Any] | None = None
+) -> None:
+    """``load`` (prefill, decode): returns the engine's current load (num_waiting, num_running, kv_cache_usage)."""
     tracing.setup(stage, replica)
     metrics.enable(*STAGE_METRICS[stage])
     metrics.set_stage_info(stage, replica, model_name)
+    if load is not None:
+        metrics.bind_engine_load(model_name, load)
+        metrics.init_kv_transfer(WIRE_FORMATS)
+    if stage == "throttler":
+        metrics.init_throttler()
+    if stage == "encoder":
+        metrics.init_encoder()
     port = metrics_port(config, stage, replica)
     if port is not None:
         metrics.serve(port, config.host)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from stageserve.serving.common import tracing
 
 log = logging.getLogger("stageserve")
 
@@ -20,6 +23,11 @@ GRPC_OPTIONS = [
 ]
 
 
+def stage_channel(address: str) -> grpc.aio.Channel:
+    """A channel to another stage; its calls carry the current trace (``traceparent``)."""
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=tracing.client_interceptors())
+
+
 def configure_logging(stage: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
 
@@ -27,8 +35,10 @@ def configure_logging(stage: str) -> None:
 class GrpcStage:
     """A grpc.aio server with the stage's servicers, grpc.health.v1 and reflection."""
 
-    def __init__(self, address: str, service_names: Iterable[str]) -> None:
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+    def __init__(self, address: str, service_names: Iterable[str], interceptors: Sequence[Any] | None = None) -> None:
+        """``interceptors`` default to the tracing interceptor (continues the caller's trace)."""
+        chain = tracing.server_interceptors() if interceptors is None else interceptors
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=chain)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from stageserve.serving.common import observe
 from stageserve.serving.common.engine_stage import build_engine
 from stageserve.serving.common.server import GrpcStage, configure_logging
 from stageserve.serving.common.stage_args import parse_stage_args
@@ -16,6 +17,7 @@ async def main() -> None:
     configure_logging(f"decode-{replica}")
     address = config.replica_address("decode", replica)
     engine = build_engine(config, config.decode, role="decode")
+    observe.start(config, "decode", replica, engine.engine.model_config.name, load=lambda: engine.load)
     stage = GrpcStage(address, [decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name])
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, f"decode-{replica}", address), stage.server)
 

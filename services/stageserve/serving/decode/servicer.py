@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from stageserve.engine import KVCacheFullError
 from stageserve.engine.async_engine import AsyncEngine
 from stageserve.kvcodec import wire
 from stageserve.kvcodec.format import PageFormat
+from stageserve.serving.common import metrics, tracing
 from stageserve.serving.common.convert import event_to_proto, format_name, sampling_from_proto
 from stageserve.serving.common.engine_stage import page_format, stage_load
 from stageserve.serving.common.errors import BadRequest, Overloaded, Unavailable, abort
@@ -43,6 +45,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.replica_id = replica_id
         self.address = address
         self.imports: dict[str, _Import] = {}
+        self.model = engine.engine.model_config.name
         self._registered: dict[str, asyncio.Event] = {}
 
     async def Generate(
@@ -51,6 +54,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         rid = request.request_id
         self.engine.open_stream(rid)
         finished = False
+        timer = metrics.engine_timer(self.model)
         try:
             pending = await self._begin(request, context)
             try:
@@ -63,6 +67,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             async for event in self.engine.events(rid):
                 completion += len(event.token_ids)
                 finished = event.finished
+                self._observe(timer, event.token_ids, finished, completion)
                 yield event_to_proto(event, completion)
         finally:
             if not finished:  # cancelled, disconnected or failed: free the reserved or installed KV
@@ -70,6 +75,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             self.engine.close_stream(rid)
             self.imports.pop(rid, None)
             self._registered.pop(rid, None)
+
+    def _observe(self, timer: metrics.RequestTimer, token_ids: list[int], finished: bool, completion: int) -> None:
+        now = time.perf_counter()
+        timer.tokens(len(token_ids), now)
+        metrics.count_generation_tokens(self.model, len(token_ids))
+        if finished:
+            timer.finish(now)
+            tracing.set_attributes({"gen_ai.usage.output_tokens": completion})
 
     async def _begin(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext) -> _Import:
         rid = request.request_id
@@ -123,6 +136,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             return
         if wire.checksum(page.payload) != page.crc32:
             log.warning("request %s: page %s failed its checksum; will ask for it again", rid, key)
+            metrics.kv_transfer_failed("checksum")
             pending.received.discard(key)
             return
         span = pending.spans[page.page_index]

@@ -22,7 +22,7 @@ from stageserve.policy.routing.least_loaded import ReplicaLoad, pick_least_loade
 from stageserve.serving.common.config import StageServeConfig
 from stageserve.serving.common.convert import FORMAT_IDS, FORMAT_NAMES, sampling_to_proto
 from stageserve.serving.common.errors import Overloaded, Unavailable, classify
-from stageserve.serving.common.server import GRPC_OPTIONS
+from stageserve.serving.common.server import stage_channel
 from stageserve.serving.gateway.http import GenerateDelta, HttpGenerateRequest
 from stageserve.v1 import (
     common_pb2,
@@ -42,7 +42,7 @@ class ReplicaSet:
 
     def __init__(self, stage: str, addresses: list[str], stub_cls: Any) -> None:
         self.stage = stage
-        self.stubs = {a: stub_cls(grpc.aio.insecure_channel(a, options=GRPC_OPTIONS)) for a in addresses}
+        self.stubs = {a: stub_cls(stage_channel(a)) for a in addresses}
         self.loads = {a: ReplicaLoad(a, 0, 0, 0.0, 0.0, healthy=False) for a in addresses}
         self.formats: dict[str, set[str]] = {a: set() for a in addresses}
         self._turn = 0
@@ -82,7 +82,7 @@ class GatewayCore:
         self.max_context = model.max_position_embeddings
         self.prefill = ReplicaSet("prefill", config.addresses("prefill"), prefill_pb2_grpc.PrefillStub)
         self.decode = ReplicaSet("decode", config.addresses("decode"), decode_pb2_grpc.DecodeStub)
-        channel = grpc.aio.insecure_channel(config.replica_address("throttler", 0))
+        channel = stage_channel(config.replica_address("throttler", 0))
         self.throttler = throttler_pb2_grpc.ThrottlerStub(channel)
         self._poller: asyncio.Task[None] | None = None
 

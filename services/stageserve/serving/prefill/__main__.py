@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from stageserve.serving.common import observe
 from stageserve.serving.common.engine_stage import build_engine
 from stageserve.serving.common.server import GrpcStage, configure_logging
 from stageserve.serving.common.stage_args import parse_stage_args
@@ -16,6 +17,7 @@ async def main() -> None:
     configure_logging(f"prefill-{replica}")
     address = config.replica_address("prefill", replica)
     engine = build_engine(config, config.prefill, role="prefill")
+    observe.start(config, "prefill", replica, engine.engine.model_config.name, load=lambda: engine.load)
     stage = GrpcStage(address, [prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name])
     servicer = PrefillServicer(
         engine, f"prefill-{replica}", address, config.prefill.link_rate_gbps, config.prefill.stream_kv_layerwise

@@ -11,10 +11,12 @@ import grpc
 
 from stageserve.engine.async_engine import AsyncEngine
 from stageserve.kvcodec import wire
+from stageserve.serving.common import metrics, tracing
 from stageserve.serving.common.convert import FORMAT_IDS, format_name, sampling_from_proto
 from stageserve.serving.common.engine_stage import page_format, stage_load
 from stageserve.serving.common.errors import DataLoss, abort
-from stageserve.serving.common.server import GRPC_OPTIONS
+from stageserve.serving.common.server import stage_channel
+from stageserve.serving.prefill.images import EmbeddingPuller
 from stageserve.v1 import common_pb2, decode_pb2_grpc, kvpage_pb2, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger("stageserve.prefill")
@@ -32,12 +34,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.address = address
         self.link_rate_gbps = link_rate_gbps
         self._channels: dict[str, decode_pb2_grpc.DecodeStub] = {}
+        self.images = EmbeddingPuller(engine.engine.model_config.hidden_size)
 
     def _decode(self, address: str) -> decode_pb2_grpc.DecodeStub:
         if address not in self._channels:
-            self._channels[address] = decode_pb2_grpc.DecodeStub(
-                grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-            )
+            self._channels[address] = decode_pb2_grpc.DecodeStub(stage_channel(address))
         return self._channels[address]
 
     async def Prefill(
@@ -51,6 +52,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 raise ValueError("decode_address: required")
             ids = list(request.prompt_token_ids)
         except ValueError as exc:
+            await abort(context, exc)
+        try:
+            images = await self.images.pull(request)  # hop 4b: all of the request's embeddings, then prefill
+        except Exception as exc:
             await abort(context, exc)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -66,15 +71,22 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         forward_done = asyncio.Event()
         if self.layerwise:
             forward_done.set()
-        push = asyncio.ensure_future(stub.PushKV(self._frames(queue, sent, forward_done)))
+        model = self.engine.engine.model_config.name
+        kv_attrs = {"stageserve.kv.format": fmt.format, "stageserve.kv.tokens": len(ids)}
+        kv_span = tracing.start_span("kv_transfer", {**kv_attrs, "server.address": request.decode_address})
+        with tracing.use(kv_span):  # the push (and decode's PushKV span) belongs to the kv_transfer span
+            push = asyncio.ensure_future(stub.PushKV(self._frames(queue, sent, forward_done)))
         started = time.perf_counter()
+        timer = metrics.engine_timer(model, started)
         first_token, cached = None, 0
         try:
-            async for event in self.engine.generate(rid, ids, params, kv_sink=sink):
+            async for event in self.engine.generate(rid, ids, params, kv_sink=sink, images=images):
                 if event.token_ids:
                     first_token, cached = event.token_ids[0], event.num_cached_tokens
+                    timer.tokens(len(event.token_ids), time.perf_counter())
         except BaseException as exc:
             push.cancel()
+            tracing.end(kv_span, exc)
             if isinstance(exc, ValueError):
                 await abort(context, exc)
             raise
@@ -86,8 +98,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
         queue.put_nowait(commit)
         queue.put_nowait(_END)
-        response = await self._finish_push(push, stub, sent, commit, context)
+        try:
+            response = await self._finish_push(push, stub, sent, commit, context)
+        finally:
+            kv_bytes = sum(len(f.page.payload) for f in sent.values())
+            tracing.set_attributes({"stageserve.kv.bytes": kv_bytes, "stageserve.kv.pages": len(sent)}, kv_span)
+            tracing.end(kv_span)
         done = time.perf_counter()
+        metrics.count_prompt_tokens(model, len(ids))
+        timer.finish(done)
+        tracing.set_attributes({"gen_ai.usage.input_tokens": len(ids), "stageserve.cached_tokens": cached})
+        if response.committed:
+            bf16 = 2 * 2 * len(ids) * framer_bf16_token_bytes(self.engine)
+            metrics.record_kv_transfer(fmt.format, kv_bytes, bf16, len(ids), done - started)
+        else:
+            metrics.kv_transfer_failed("not_committed")
         if not response.committed:
             await abort(context, DataLoss(f"request {rid}: KV transfer failed: {response.error or 'pages lost'}"))
         return prefill_pb2.PrefillResponse(
@@ -107,10 +132,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 if response.committed or not response.resend:
                     return response
                 log.warning("%s: decode asked for %d pages again", commit.request_id, len(response.resend))
+                metrics.kv_transfer_failed("resend", len(response.resend))
                 again = [sent[(r.layer, r.page_index)] for r in response.resend if (r.layer, r.page_index) in sent]
                 response = await stub.PushKV(_iterate([*again, commit]))
             return response
         except grpc.aio.AioRpcError as exc:
+            metrics.kv_transfer_failed("rpc_error")
             await abort(context, exc)
 
     async def _frames(
@@ -131,6 +158,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def GetLoad(self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.StageLoad:
         return stage_load(self.engine, "prefill", self.replica_id, self.address)
+
+
+def framer_bf16_token_bytes(engine: AsyncEngine) -> int:
+    """K (or V) elements of one token over all layers: times 2 (K and V) times 2 bytes is its bf16 size."""
+    mc = engine.engine.model_config
+    return mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim
 
 
 def _page_frame(rid: str, layer: int, span: wire.Span, kv_format: int, payload: bytes) -> kvpage_pb2.KVFrame:
