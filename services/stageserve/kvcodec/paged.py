@@ -20,6 +20,9 @@ A page is quantized once (``write_pages`` / ``write_page``, on the token-major r
 block) or installed from wire bytes (``install_page``: the exact bytes ``kvcodec.wire.pack`` produced for a
 page span; nothing is re-quantized) and never rewritten.
 
+Rotated formats (``hack2r``, ...): the store is rotation-agnostic. Pages hold codes of the rotated K (rotate K
+before ``write_pages``, as the wire does before packing) and the caller passes q rotated the same way.
+
 Where the BF16 parts live: the sinks (tokens 0..S-1) and the open block are *not* in this store. The caller
 keeps them dense (e.g. in the engine's BF16 ``PagedKVCache``) and passes them to the attention function as
 padded tensors with a length per sequence. Any BF16 rows may go there (after a prefill→decode transfer the
@@ -46,6 +49,7 @@ from stageserve.kvcodec.reference import QuantPage, _quantize, pack_codes
 
 __all__ = [
     "PagedCodeStore",
+    "check_decode_inputs",
     "dense_decode_attention_torch",
     "dequant_decode_attention_torch",
     "paged_decode_attention_torch",
@@ -242,13 +246,15 @@ class _Partial:
     acc: torch.Tensor
 
 
-def _check_inputs(
+def check_decode_inputs(
     q: torch.Tensor,
     fmt: PageFormat,
     page_tables: torch.Tensor,
     num_pages: torch.Tensor,
     dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> None:
+    """Shapes and lengths of a decode-attention call (shared with the Triton launchers); ValueError names the
+    argument. ``dense`` = (sinks_k, sinks_v, sink_lens, open_k, open_v, open_lens)."""
     if q.dim() != 3 or q.shape[2] != fmt.head_dim or q.shape[1] % fmt.num_kv_heads:
         raise ValueError(f"q: expected [B, G*{fmt.num_kv_heads}, {fmt.head_dim}], got {tuple(q.shape)}")
     b = q.shape[0]
@@ -372,7 +378,7 @@ def _paged(
         raise ValueError(f"layer: {layer} not in [0, {store.num_layers})")
     page_tables = page_tables.to(device=store.device, dtype=torch.long)
     num_pages = num_pages.to(device=store.device, dtype=torch.long)
-    _check_inputs(q, fmt, page_tables, num_pages, dense)
+    check_decode_inputs(q, fmt, page_tables, num_pages, dense)
     b, hq, d = q.shape
     h = fmt.num_kv_heads
     scale = 1.0 / math.sqrt(d) if scale is None else scale
