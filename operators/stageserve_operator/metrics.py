@@ -29,24 +29,36 @@ def selector(stage: str, deployment: str | None = None) -> str:
     return "{" + ",".join(matchers) + "}"
 
 
+def series(name: str, sel: str) -> str:
+    """``name{sel}``; a name with colons also matches its underscore-escaped form.
+
+    prometheus-client (>= 0.22) escapes ``:`` to ``_`` when a scraper negotiates OpenMetrics (Prometheus
+    2.x does by default), so ``vllm:prompt_tokens_total`` may be stored as ``vllm_prompt_tokens_total``.
+    """
+    if ":" not in name:
+        return f"{name}{sel}"
+    pattern = name.replace(":", "[:_]")
+    return "{" + f'__name__=~"{pattern}",' + sel[1:]
+
+
 def stage_queries(stage: str, window: str, deployment: str | None = None) -> dict[str, str]:
     """Instant-vector PromQL per load field of ``stage`` (each query returns one scalar-like sample)."""
     sel = selector(stage, deployment)
     if stage == "encoder":
         return {
-            "tokens_per_s": f"sum(rate({ENCODER_TOKENS}{sel}[{window}]))",
-            "pending_tokens": f"sum({ENCODER_PENDING}{sel})",
+            "tokens_per_s": f"sum(rate({series(ENCODER_TOKENS, sel)}[{window}]))",
+            "pending_tokens": f"sum({series(ENCODER_PENDING, sel)})",
         }
     if stage == "prefill":
         return {
-            "tokens_per_s": f"sum(rate({PROMPT_TOKENS}{sel}[{window}]))",
-            "pending_tokens": f"sum({WAITING}{sel}) * {PREFILL_TOKENS_PER_WAITING:g}",
+            "tokens_per_s": f"sum(rate({series(PROMPT_TOKENS, sel)}[{window}]))",
+            "pending_tokens": f"sum({series(WAITING, sel)}) * {PREFILL_TOKENS_PER_WAITING:g}",
         }
     if stage == "decode":
         return {
-            "tokens_per_s": f"sum(rate({GENERATION_TOKENS}{sel}[{window}]))",
-            "running_seqs": f"sum({RUNNING}{sel})",
-            "kv_usage": f"avg({KV_USAGE}{sel})",
+            "tokens_per_s": f"sum(rate({series(GENERATION_TOKENS, sel)}[{window}]))",
+            "running_seqs": f"sum({series(RUNNING, sel)})",
+            "kv_usage": f"avg({series(KV_USAGE, sel)})",
         }
     raise ValueError(f"stage: no load queries for {stage!r}")
 
@@ -56,7 +68,7 @@ def slo_histogram_query(stage: str, window: str, deployment: str | None = None) 
     name = {"prefill": TTFT, "decode": ITL}.get(stage)
     if name is None:
         return None
-    return f"sum by (le) (rate({name}_bucket{selector(stage, deployment)}[{window}]))"
+    return f"sum by (le) (rate({series(name + '_bucket', selector(stage, deployment))}[{window}]))"
 
 
 def attainment(buckets: Mapping[float, float], slo_s: float) -> float | None:
