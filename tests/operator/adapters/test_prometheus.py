@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from stageserve_operator.adapters.prometheus import Prometheus, PrometheusError
@@ -47,9 +49,9 @@ def test_stage_load_from_a_real_prometheus(start_prometheus):
             m["ttft"].labels("m").observe(v)
         wait_for(lambda: prom.scalar('up{stage="decode"}') == 1 and prom.scalar('up{stage="encoder"}') == 1,
                  20, what="targets up")
-        wait_for(lambda: prom.scalar('sum({__name__=~"vllm[:_]num_requests_running",stage="decode"})') == 17, 20, what="gauges")
+        running = 'sum({__name__=~"vllm[:_]num_requests_running",stage="decode"})'
+        wait_for(lambda: prom.scalar(running) == 17, 20, what="gauges")
         # steady counters: +1000 image tokens, +500 prompt tokens, +50 generated per 0.25 s, for 6 s
-        import time
         for _ in range(24):
             m["img"].inc(1000)
             m["prompt"].labels("m").inc(500)
