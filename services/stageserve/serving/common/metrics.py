@@ -185,7 +185,7 @@ class LabelCap:
         self._lock = threading.Lock()
 
     def __call__(self, value: str) -> str:
-        value = (value or "unknown")[: self.max_len]
+        value = value[: self.max_len] or "unknown"
         with self._lock:
             if value in self._seen:
                 return value
