@@ -55,20 +55,22 @@ class Kubernetes:
         return cls(k8s.ApiClient())
 
     def _call(self, method: str, path: str, body: Any, content_type: str, query: list | None = None) -> Any:
-        return self.api.call_api(
-            path, method,
-            query_params=query or [],
+        """One request through the client's serializer, auth and TLS settings; returns the decoded JSON."""
+        _method, url, headers, payload, post = self.api.param_serialize(
+            method, path, query_params=query or [],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=body,
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=True,
+            body=body, auth_settings=["BearerToken"],
         )
+        reply = self.api.call_api(_method, url, header_params=headers, body=payload, post_params=post)
+        reply.read()
+        if not 200 <= reply.status < 300:
+            raise k8s.ApiException(http_resp=reply)
+        return json.loads(reply.data or b"null")
 
     def apply(self, obj: dict[str, Any]) -> Any:
         """Server-side apply of one object (creates it or updates the fields this operator owns)."""
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
-        return self._call("PATCH", object_path(obj), json.dumps(obj), "application/apply-patch+yaml", query)
+        return self._call("PATCH", object_path(obj), obj, "application/apply-patch+yaml", query)
 
     def apply_all(self, objs: list[dict[str, Any]]) -> None:
         for obj in objs:
