@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_bench(sub)
     _add_kv_report(sub)
+    from stageserve.tools.compress_zeroc import add_parser as add_compress_parser
+
+    add_compress_parser(sub)
     from stageserve.serving.supervisor import add_up_parser
 
     add_up_parser(sub)

@@ -76,7 +76,7 @@ class TorchAttentionStep:
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, self.slot_mapping, k, v)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        out = torch.empty_like(q)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])  # V may have fewer dims than q/k (ZeroC)
         if len(self.decode_rows):
             qd = q[self.decode_rows].unsqueeze(2)  # [B, Hq, 1, D]
             kd = k_cache[self.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]

@@ -53,11 +53,17 @@ class LLMEngine:
         self.loaded = loaded or load_model(config.model, config.torch_dtype)
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
+        head_dims = self.loaded.model.kv_head_dims()  # per layer (K, V) dims: head_dim unless ZeroC-compressed
         num_blocks = config.num_kv_blocks or max(
             1,
             config.kv_cache_memory_bytes
             // PagedKVCache.bytes_per_block(
-                mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, config.torch_dtype
+                mc.num_hidden_layers,
+                config.block_size,
+                mc.num_key_value_heads,
+                mc.head_dim,
+                config.torch_dtype,
+                head_dims,
             ),
         )
         quantized = config.kv_format != "auto" and config.role != "prefill"
@@ -69,6 +75,7 @@ class LLMEngine:
             mc.head_dim,
             config.torch_dtype,
             storage_dtype=torch.bfloat16 if quantized else None,
+            head_dims=head_dims,
         )
         self.page_closer = PageCloser(self.cache)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and not quantized)

@@ -6,7 +6,11 @@ import torch
 
 
 class PagedKVCache:
-    """K and V of every layer: ``k[layer]`` and ``v[layer]`` are [num_slots, num_kv_heads, head_dim]."""
+    """K and V of every layer: ``k[layer]`` and ``v[layer]`` are [num_slots, num_kv_heads, head_dim].
+
+    With ``head_dims`` (one (K dim, V dim) per layer, e.g. a ZeroC model's ranks) ``k``/``v`` are lists of
+    per-layer tensors [num_slots, num_kv_heads, dim] sized exactly; indexing by layer works the same.
+    """
 
     def __init__(
         self,
@@ -17,24 +21,44 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         storage_dtype: torch.dtype | None = None,
+        head_dims: list[tuple[int, int]] | None = None,
     ) -> None:
         """``storage_dtype`` (e.g. bf16) rounds every written value through it, whatever ``dtype`` holds it."""
         self.storage_dtype = storage_dtype
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.dtype = dtype
+        self.num_layers = num_layers
+        slots = num_blocks * block_size
+        self.k: torch.Tensor | list[torch.Tensor]
+        self.v: torch.Tensor | list[torch.Tensor]
+        if head_dims is None or all(d == (head_dim, head_dim) for d in head_dims):
+            shape = (num_layers, slots, num_kv_heads, head_dim)
+            self.k = torch.zeros(shape, dtype=dtype)
+            self.v = torch.zeros(shape, dtype=dtype)
+        else:
+            if len(head_dims) != num_layers:
+                raise ValueError(f"head_dims: {len(head_dims)} entries for {num_layers} layers")
+            self.k = [torch.zeros(slots, num_kv_heads, dk, dtype=dtype) for dk, _ in head_dims]
+            self.v = [torch.zeros(slots, num_kv_heads, dv, dtype=dtype) for _, dv in head_dims]
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        head_dims: list[tuple[int, int]] | None = None,
+    ) -> int:
+        per_token = sum(dk + dv for dk, dv in head_dims) if head_dims else 2 * num_layers * head_dim
+        return per_token * block_size * num_kv_heads * torch.empty((), dtype=dtype).element_size()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.storage_dtype is not None:
             k, v = k.to(self.storage_dtype), v.to(self.storage_dtype)
-        self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))
+        self.k[layer].index_copy_(0, slots, k.to(self.dtype))
+        self.v[layer].index_copy_(0, slots, v.to(self.dtype))
 
     def slots_for(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Slot indices of token positions [start, end) of a sequence with this block table."""

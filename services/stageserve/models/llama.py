@@ -92,18 +92,41 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        # ZeroC (models/zeroc.py): v_dim < head_dim when V is produced in a truncated basis; qk_basis
+        # [Hkv, head_dim, r_qk] projects post-RoPE q/k when set. Defaults leave the layer unchanged.
+        self.v_dim = self.head_dim
+        self.qk_basis: torch.Tensor | None = None
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: AttentionStep) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        v_size = self.num_kv_heads * self.v_dim
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, v_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.v_dim)
         q, k = apply_rope(q, k, rope)
+        if self.qk_basis is not None:
+            q, k = project_qk(q, k, self.qk_basis, self.head_dim)
         out = step.run(self.layer, q, k, v)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
+
+    @property
+    def kv_dims(self) -> tuple[int, int]:
+        """(K, V) values per token per KV head that this layer caches."""
+        return (self.head_dim if self.qk_basis is None else self.qk_basis.shape[-1]), self.v_dim
+
+
+def project_qk(
+    q: torch.Tensor, k: torch.Tensor, basis: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZeroC: post-RoPE q [T, Hq, d], k [T, Hkv, d] -> [T, ·, r] in each KV head's basis [Hkv, d, r] (a query
+    head uses its KV head's basis). q is scaled by √(r/d) so attention's default 1/√r scale equals 1/√d."""
+    group = q.shape[1] // basis.shape[0]
+    r = basis.shape[-1]
+    q = torch.einsum("thd,hdr->thr", q, basis.repeat_interleave(group, 0)) * math.sqrt(r / head_dim)
+    return q, torch.einsum("thd,hdr->thr", k, basis)
 
 
 class MLP(nn.Module):
@@ -158,6 +181,10 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, step)
         return self.norm(x)
+
+    def kv_head_dims(self) -> list[tuple[int, int]]:
+        """(K, V) cached values per token per KV head, per layer (head_dim unless ZeroC-compressed)."""
+        return [layer.self_attn.kv_dims for layer in self.layers]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

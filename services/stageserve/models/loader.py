@@ -117,6 +117,10 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32) -> L
     path = str(path) if path else default_model_path()
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")
+    if os.path.isdir(path) and (Path(path) / "zeroc.json").is_file():
+        from stageserve.models.zeroc import load_compressed  # a ZeroC-compressed directory (models/zeroc.py)
+
+        return load_compressed(path, dtype)
     if os.path.isdir(path):
         hf_config, state, tokenizer = _read_hf_dir(path)
     elif path.endswith(".gguf"):

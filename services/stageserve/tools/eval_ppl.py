@@ -45,6 +45,35 @@ def corpus_tokens(tokenizer: Any, path: str, num_tokens: int) -> list[int]:
     return ids[:num_tokens]
 
 
+SPLITS = ("all", "calib", "eval")
+
+
+def corpus_split_tokens(tokenizer: Any, path: str, split: str, num_tokens: int) -> list[int]:
+    """The first ``num_tokens`` tokens of one half of a text file: ``calib`` = the first half of its characters,
+    ``eval`` = the second half (cut at the first line break after the middle, so the halves never overlap),
+    ``all`` = the whole file (``corpus_tokens``). ZeroC calibrates on ``calib`` and evaluates on ``eval``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "all":
+        return corpus_tokens(tokenizer, path, num_tokens)
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"corpus not found: {path}")
+    text = file.read_text(encoding="utf-8")
+    cut = text.find("\n", len(text) // 2) + 1 or len(text)
+    part = text[:cut] if split == "calib" else text[cut:]
+    ids: list[int] = []
+    pos = 0
+    while len(ids) < num_tokens and pos < len(part):
+        end = part.find("\n", pos + (1 << 16))
+        end = len(part) if end < 0 else end + 1
+        ids.extend(tokenizer.encode(part[pos:end], add_special_tokens=False))
+        pos = end
+    if len(ids) < num_tokens:
+        raise ValueError(f"the {split} half of {path} holds only {len(ids)} tokens, fewer than {num_tokens}")
+    return ids[:num_tokens]
+
+
 def windows(ids: list[int], window: int) -> list[list[int]]:
     if window < 2:
         raise ValueError(f"window must be >= 2, got {window}")
