@@ -15,6 +15,7 @@ import math
 import time
 
 import numpy as np
+
 from stageserve_operator.sim import STAGES, SimConfig, peak_replicas, servegen_load, simulate
 
 CAPACITY = {"encoder": 1000.0, "prefill": 2000.0, "decode": 200.0}  # tokens/s per GPU replica at the SLO

@@ -6,6 +6,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
 from stageserve_operator.policy.autoscale import StageLoad
 from stageserve_operator.policy.placement import Node
 from stageserve_operator.reconcile import current_replicas, reconcile, render_status

@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 from kubernetes import client as k8s
+
 from stageserve_operator.adapters.k8s import Kubernetes, object_path, status_path
 from stageserve_operator.reconcile import reconcile
 from stageserve_operator.render import render

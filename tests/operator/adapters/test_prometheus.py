@@ -6,6 +6,7 @@ import time
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
 from stageserve_operator.adapters.prometheus import Prometheus, PrometheusError
 
 from ..conftest import free_port, wait_for

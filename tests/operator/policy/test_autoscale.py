@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from stageserve_operator.policy.autoscale import ScalePolicy, ScaleState, StageLoad, plan, recommend
 
 P = ScalePolicy(capacity_tokens_per_s=1000, min_replicas=1, max_replicas=8, replan_interval_s=300,
@@ -119,6 +120,7 @@ SERVEGEN = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "ser
 def test_servegen_day_replicas_follow_the_image_load():
     """A ServeGen-shaped day (2 h for speed): the encoder's replicas track ceil(load/capacity) with hysteresis."""
     import numpy as np
+
     from stageserve_operator.sim import SimConfig, servegen_load, simulate
 
     load = servegen_load(SERVEGEN, seconds=7200, seed=1)
