@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     from stageserve.tools.compress_zeroc import add_parser as add_compress_parser
 
     add_compress_parser(sub)
+    from stageserve.tools.sp_prefill import add_parser as add_sp_prefill_parser
+
+    add_sp_prefill_parser(sub)
     from stageserve.serving.supervisor import add_up_parser
 
     add_up_parser(sub)
@@ -99,12 +102,23 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "hack-k4v2); default: one forward pass per window in the model dtype",
     )
     ppl.add_argument("--partition", type=int, default=64, help="tokens per quantized page (32, 64, 128)")
+    ppl.add_argument(
+        "--split",
+        choices=["all", "calib", "eval"],
+        default=None,
+        help="which half of --data: calib = first, eval = second (default: eval for a ZeroC model, else all)",
+    )
     ppl.set_defaults(func=_eval_ppl)
+
+
+def _full_dims(llm: object) -> list[tuple[int, int]]:
+    mc = llm.engine.model_config  # type: ignore[attr-defined]
+    return [(mc.head_dim, mc.head_dim)] * mc.num_hidden_layers
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
     from stageserve.engine import LLM
-    from stageserve.tools.eval_ppl import corpus_tokens, perplexity, perplexity_by_decode_steps
+    from stageserve.tools.eval_ppl import corpus_split_tokens, perplexity, perplexity_by_decode_steps
 
     if args.kv_format:
         blocks = -(-args.tokens // 16) + 64
@@ -117,7 +131,8 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         )
     else:
         llm = LLM(model=args.model, dtype=args.dtype)
-    ids = corpus_tokens(llm.tokenizer, args.data, args.tokens)
+    split = args.split or ("eval" if llm.engine.loaded.model.kv_head_dims() != _full_dims(llm) else "all")
+    ids = corpus_split_tokens(llm.tokenizer, args.data, split, args.tokens)
     if args.kv_format:
         result = perplexity_by_decode_steps(llm.engine, ids, args.window)
     else:
@@ -131,6 +146,9 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         "tokens": args.tokens,
         "window": args.window,
         "windows": result.num_windows,
+        "split": split,
+        "kv_values_per_token": sum(dk + dv for dk, dv in llm.engine.loaded.model.kv_head_dims())
+        * llm.engine.model_config.num_key_value_heads,
     }
     if args.reference:
         import torch
