@@ -65,7 +65,7 @@ class _Base(abc.ABC):
         self,
         *,
         prompt: str | Sequence[int] | None = None,
-        messages: Sequence[Mapping[str, str]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         model: str | None,
         max_tokens: int,
         temperature: float,
@@ -211,7 +211,7 @@ class Client(_Base):
 
     def chat(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         *,
         model: str | None = None,
         max_tokens: int = 16,
@@ -230,7 +230,8 @@ class Client(_Base):
         timeout: float | None = None,
         stream: bool = False,
     ) -> Completion | Stream:
-        """Answers chat ``messages`` (dicts with role and content); same options and results as ``generate``."""
+        """Answers chat ``messages`` (dicts with role, content and optionally ``images``: a list of encoded
+        image bytes or image file paths, placed before the text); same options and results as ``generate``."""
         request, metadata = self._prepare(messages=messages, **_sampling_kwargs(locals()))
         return self._generate(request, metadata, interaction_id, timeout, stream)
 
@@ -388,7 +389,7 @@ class AsyncClient(_Base):
 
     async def chat(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         *,
         model: str | None = None,
         max_tokens: int = 16,

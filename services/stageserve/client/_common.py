@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -207,7 +208,7 @@ def build_request(
     *,
     model: str | None,
     prompt: str | Sequence[int] | None = None,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
     sampling: common_pb2.SamplingParams,
     request_id: str | None = None,
 ) -> gateway_pb2.GenerateRequest:
@@ -218,7 +219,9 @@ def build_request(
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping):
                 raise invalid(f"messages[{i}]", "must be a mapping with role and content")
-            chat.messages.add(role=str(m.get("role", "")), content=str(m.get("content", "")))
+            msg = chat.messages.add(role=str(m.get("role", "")), content=str(m.get("content", "")))
+            for j, image in enumerate(m.get("images") or ()):
+                msg.images.add(data=_image_bytes(image, f"messages[{i}].images[{j}]"))
     elif isinstance(prompt, str):
         request.prompt = prompt
     elif prompt is not None and not isinstance(prompt, bytes | bytearray):
@@ -228,6 +231,19 @@ def build_request(
     else:
         raise invalid("prompt", "must be a string or a list of token ids")
     return request
+
+
+def _image_bytes(image: Any, field_name: str) -> bytes:
+    """An image given as encoded bytes or as a path to an image file."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    if isinstance(image, str | os.PathLike):
+        try:
+            with open(image, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise invalid(field_name, f"cannot read image file {str(image)!r}: {exc.strerror}") from None
+    raise invalid(field_name, "must be image bytes or a path to an image file")
 
 
 def build_metadata(

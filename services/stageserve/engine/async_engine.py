@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from stageserve.core.sampling import SamplingParams
 from stageserve.engine.attention import KVSink
 from stageserve.engine.engine import LLMEngine
+from stageserve.engine.model_runner import ImageEmbeds
 from stageserve.engine.outputs import TokenEvent
 
 T = TypeVar("T")
@@ -78,11 +79,18 @@ class AsyncEngine:
                 self.abort_nowait(request_id)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, kv_sink: KVSink | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        kv_sink: KVSink | None = None,
+        images: list[ImageEmbeds] | None = None,
     ) -> AsyncIterator[TokenEvent]:
         self.open_stream(request_id)
         try:
-            await self.call(lambda: self.engine.add_request(request_id, prompt_token_ids, params, kv_sink=kv_sink))
+            await self.call(
+                lambda: self.engine.add_request(request_id, prompt_token_ids, params, kv_sink=kv_sink, images=images)
+            )
         except BaseException:
             self._streams.pop(request_id, None)
             raise

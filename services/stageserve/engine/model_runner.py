@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from stageserve.engine.attention import KVSink, NoCacheAttention, SeqChunk, TorchAttentionBackend
 from stageserve.models.llama import LlamaForCausalLM
 from stageserve.policy.batching.scheduler import ScheduledSeq
+
+
+@dataclass(frozen=True)
+class ImageEmbeds:
+    """One image's token embeddings [n, hidden], placed at prompt positions [start, start + n); ``key`` is a
+    content hash of the image (prefix-cache keys)."""
+
+    start: int
+    embeds: torch.Tensor
+    key: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.embeds.shape[0]
 
 
 class ModelRunner:
@@ -16,10 +32,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, scheduled: list[ScheduledSeq], sinks: dict[str, KVSink], exported: dict[str, int]
+        self,
+        scheduled: list[ScheduledSeq],
+        sinks: dict[str, KVSink],
+        exported: dict[str, int],
+        images: dict[str, list[ImageEmbeds]] | None = None,
     ) -> torch.Tensor:
         """Computes the scheduled tokens; returns logits [n, V] for the sequences whose chunk completes
-        them (in ``scheduled`` order). ``sinks`` receive each exporting request's KV layer by layer."""
+        them (in ``scheduled`` order). ``sinks`` receive each exporting request's KV layer by layer;
+        ``images`` put image embeddings in place of the placeholder tokens they cover."""
         tokens: list[int] = []
         positions: list[int] = []
         chunks: list[SeqChunk] = []
@@ -35,8 +56,32 @@ class ModelRunner:
             if s.completes:
                 last_rows.append(len(tokens) - 1)
         step = self.backend.plan(chunks)
-        hidden = self.model(torch.tensor(tokens), torch.tensor(positions), step)
+        ids = torch.tensor(tokens)
+        embeds = self._embeds(ids, scheduled, chunks, images) if images else None
+        hidden = self.model(ids, torch.tensor(positions), step, embeds)
         return self.model.logits(hidden[last_rows])
+
+    def _embeds(
+        self,
+        ids: torch.Tensor,
+        scheduled: list[ScheduledSeq],
+        chunks: list[SeqChunk],
+        images: dict[str, list[ImageEmbeds]],
+    ) -> torch.Tensor | None:
+        """Token embeddings of the step with the image rows that this step computes overwritten."""
+        rows: list[tuple[int, ImageEmbeds, int, int]] = []
+        for s, chunk in zip(scheduled, chunks, strict=True):
+            lo, hi = chunk.start_pos, chunk.start_pos + chunk.q_len
+            for img in images.get(s.seq.request_id, ()):
+                a, b = max(lo, img.start), min(hi, img.end)
+                if a < b:
+                    rows.append((chunk.row_start + a - lo, img, a - img.start, b - img.start))
+        if not rows:
+            return None
+        x = self.model.embed_tokens(ids)
+        for row, img, a, b in rows:
+            x[row : row + b - a] = img.embeds[a:b].to(x.dtype)
+        return x
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:

@@ -174,9 +174,16 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden] (call ``logits`` on the rows needed)."""
-        x = self.embed_tokens(input_ids)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        step: AttentionStep,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden] (call ``logits`` on the rows needed).
+        ``inputs_embeds`` [T, hidden], when given, replaces the token embedding lookup (image tokens)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = self.rotary.table(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, step)

@@ -135,7 +135,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
-                cached = self.blocks.match_prefix(seq.token_ids, max_tokens=seq.num_tokens - 1)
+                cached = self.blocks.match_prefix(seq.block_keys, max_tokens=seq.num_tokens - 1)
                 seq.block_table.extend(cached)
                 seq.num_computed_tokens = len(cached) * self.blocks.block_size
                 if seq.num_preemptions == 0:

@@ -35,6 +35,21 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     num_cached_prompt_tokens: int = 0
+    # (start, length, content key) of each image token run: prefix-cache keys use the image's content key
+    # instead of the placeholder ids, so different images at the same positions never share blocks.
+    image_spans: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def block_keys(self) -> list[int]:
+        """The ids block hashes are computed over: token ids, image positions replaced by negative keys
+        derived from the image content (never equal to a token id)."""
+        if not self.image_spans:
+            return self.token_ids
+        keys = list(self.token_ids)
+        for start, length, key in self.image_spans:
+            for j in range(length):
+                keys[start + j] = -1 - ((key + j) % (1 << 62))
+        return keys
 
     @property
     def num_tokens(self) -> int:
