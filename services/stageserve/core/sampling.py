@@ -34,6 +34,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    seed_offset: int = 0  # tokens generated before a migration; seeded sampling resumes where it was
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,6 +55,8 @@ class SamplingParams:
             raise InvalidRequestError("top_k", f"must be -1, 0 or positive, got {self.top_k}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise InvalidRequestError("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens}")
+        if self.seed_offset < 0:
+            raise InvalidRequestError("seed_offset", f"must be >= 0, got {self.seed_offset}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty")
 

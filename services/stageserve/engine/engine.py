@@ -20,7 +20,7 @@ from stageserve.engine.config import EngineConfig
 from stageserve.engine.detokenizer import IncrementalDetokenizer
 from stageserve.engine.kv_cache import PagedKVCache
 from stageserve.engine.kv_quant import PageCloser
-from stageserve.engine.model_runner import ModelRunner
+from stageserve.engine.model_runner import ImageEmbeds, ModelRunner
 from stageserve.engine.outputs import TokenEvent
 from stageserve.engine.sampler import sample
 from stageserve.kvcodec.format import PageFormat
@@ -45,6 +45,7 @@ class _Request:
     closed_upto: int = 0  # start of the open block: pages before it are quantized
     pending: list[int] = field(default_factory=list)  # tokens not yet reported in a TokenEvent
     first_token_time: float | None = None
+    images: list[ImageEmbeds] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -101,9 +102,15 @@ class LLMEngine:
         params: SamplingParams,
         kv_sink: KVSink | None = None,
         arrival_time: float | None = None,
+        images: list[ImageEmbeds] | None = None,
     ) -> None:
-        """Queues a request. In the prefill role ``kv_sink`` receives its KV, layer by layer."""
+        """Queues a request. In the prefill role ``kv_sink`` receives its KV, layer by layer. ``images`` replace
+        the embeddings of the prompt positions they cover (their KV then travels like any other token's)."""
         req = self._new_request(request_id, prompt_token_ids, params, arrival_time)
+        if images:
+            self._check_images(images, len(prompt_token_ids))
+            req.images = list(images)
+            req.seq.image_spans = [(i.start, i.embeds.shape[0], i.key) for i in images]
         req.kv_sink = kv_sink
         if self.config.kv_format != "auto" and self.config.role != "prefill":
             req.page_format = self.page_format(self.config.kv_format)
@@ -136,7 +143,31 @@ class LLMEngine:
         generator.manual_seed(
             params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
         )
+        self._skip_draws(generator, params)
         return _Request(seq, IncrementalDetokenizer(self.tokenizer, params), generator)
+
+    def _skip_draws(self, generator: torch.Generator, params: SamplingParams) -> None:
+        """Advances a migrated request's generator past the draws made before (``params.seed_offset`` tokens).
+
+        A draw consumes generator state by vocabulary size only, so dummy draws reproduce it. In a split
+        pipeline prefill draws token 1 and decode's generator starts at token 2, so a prefill that resumes after
+        g tokens skips g - 1 draws and a decode (or a "both" engine) skips g."""
+        if params.greedy or params.seed is None or params.seed_offset <= 0:
+            return
+        skip = params.seed_offset - 1 if self.config.role == "prefill" else params.seed_offset
+        ones = torch.ones(self.model_config.vocab_size)
+        for _ in range(skip):
+            torch.multinomial(ones, 1, generator=generator)
+
+    def _check_images(self, images: list[ImageEmbeds], prompt_len: int) -> None:
+        hidden = self.model_config.hidden_size
+        end = 0
+        for i, img in enumerate(sorted(images, key=lambda x: x.start)):
+            if img.embeds.dim() != 2 or img.embeds.shape[1] != hidden:
+                raise ValueError(f"images[{i}]: embeddings must be [n, {hidden}], got {tuple(img.embeds.shape)}")
+            if img.start < end or img.end > prompt_len:
+                raise ValueError(f"images[{i}]: positions [{img.start}, {img.end}) overlap or leave the prompt")
+            end = img.end
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -190,7 +221,7 @@ class LLMEngine:
             # Imported pages, the tail included (a closed partial page), are never re-quantized; the pages
             # decode fills start at the prompt's end.
             req.closed_upto = seq.num_prompt_tokens
-        self.blocks.commit_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+        self.blocks.commit_full_blocks(seq.block_table, seq.block_keys, seq.num_computed_tokens)
         self.requests[request_id] = req
         self.scheduler.add_running(seq)
         self._append_token(req, first_token_id, time.monotonic())
@@ -205,14 +236,15 @@ class LLMEngine:
         if out.scheduled:
             sinks = {r: q.kv_sink for r, q in self.requests.items() if q.kv_sink is not None}
             exported = {r: self.requests[r].exported for r in sinks}
-            logits = self.runner.execute(out.scheduled, sinks, exported)
+            images = {s.seq.request_id: self.requests[s.seq.request_id].images for s in out.scheduled}
+            logits = self.runner.execute(out.scheduled, sinks, exported, {r: v for r, v in images.items() if v})
             now = time.monotonic()
             completing = [s.seq for s in out.scheduled if s.completes]
             for s in out.scheduled:
                 s.seq.num_computed_tokens += s.num_new_tokens
                 req = self.requests[s.seq.request_id]
                 req.exported = max(req.exported, s.seq.num_computed_tokens)
-                self.blocks.commit_full_blocks(s.seq.block_table, s.seq.token_ids, s.seq.num_computed_tokens)
+                self.blocks.commit_full_blocks(s.seq.block_table, s.seq.block_keys, s.seq.num_computed_tokens)
                 self._close_pages(req)
             if completing:
                 reqs = [self.requests[s.request_id] for s in completing]

@@ -469,9 +469,32 @@ class Supervisor:
     def first_exited(self) -> StageProcess | None:
         """The first child that has exited, if any."""
         for proc in self.processes:
-            if proc.popen.poll() is not None:
+            if not proc.finished and proc.popen.poll() is not None:  # finished: ended on purpose (kill, stop)
                 return proc
         return None
+
+    # -- faults (tests, chaos benchmark)
+    def process(self, stage: str, replica: int) -> StageProcess:
+        """The latest process of one replica."""
+        return [p for p in self.processes if p.stage == stage and p.replica == replica][-1]
+
+    def kill(self, stage: str, replica: int, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Signals one replica's process group and reaps it (SIGKILL: a crash; SIGTERM: a graceful drain)."""
+        proc = self.process(stage, replica)
+        _signal_group(proc.pid, sig)
+        proc.popen.wait(timeout=60.0)
+        proc.finished = True
+        self._log(f"{proc.name} (pid {proc.pid}) ended by {sig.name}")
+
+    def restart(self, stage: str, replica: int) -> StageProcess:
+        """Starts a replica again (after ``kill``) and waits until it is healthy."""
+        old = self.process(stage, replica)
+        if old.popen.poll() is None:
+            raise RuntimeError(f"{old.name} is still running")
+        self.processes.remove(old)
+        proc = self._spawn(stage, replica)
+        self._wait_healthy([proc], time.monotonic() + self.startup_timeout_s)
+        return proc
 
     # -- stop
     def stop(self) -> None:

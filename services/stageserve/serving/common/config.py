@@ -44,6 +44,7 @@ class GatewayConfig:
     link_gbps: float = 10.0  # assumed prefill->decode link bandwidth for format negotiation
     max_migrations: int = 3  # re-dispatches per request after a prefill/decode failure (token replay)
     migration_wait_s: float = 30.0  # how long a migrating request waits for a healthy replica
+    migration_exact_max_tokens: int = 1024  # greedy/seeded: re-run and skip sent tokens (exact) up to this many
     throttler_failure_mode: str = "fail-open"  # fail-open (local per-tenant limit) | fail-closed (503)
     local_tenant_max_inflight: int = 16  # fail-open: concurrent requests per tenant while the throttler is down
     api_keys: dict = field(default_factory=dict)  # sha256(key) hex -> {user, app?}; set = keys required

@@ -30,6 +30,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=p.ignore_eos,
         min_tokens=p.min_tokens,
         include_stop_str_in_output=p.include_stop_str_in_output,
+        seed_offset=p.seed_offset,
     )
 
 
@@ -44,6 +45,7 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         ignore_eos=p.ignore_eos,
         min_tokens=p.min_tokens,
         include_stop_str_in_output=p.include_stop_str_in_output,
+        seed_offset=p.seed_offset,
     )
     if p.seed is not None:
         msg.seed = p.seed

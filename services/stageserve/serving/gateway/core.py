@@ -22,8 +22,14 @@ from stageserve.policy.routing.least_loaded import ReplicaLoad, pick_least_loade
 from stageserve.serving.common.config import StageServeConfig
 from stageserve.serving.common.convert import FORMAT_IDS, FORMAT_NAMES, sampling_to_proto
 from stageserve.serving.common.errors import Overloaded, Unavailable, classify
+from stageserve.serving.common.multimodal import stage_multimodal_config
 from stageserve.serving.common.server import stage_channel
 from stageserve.serving.gateway.http import GenerateDelta, HttpGenerateRequest
+from stageserve.serving.gateway.identity import ApiKeys
+from stageserve.serving.gateway.images import EncoderPool, check_images, read_image_url, tokenize_chat_images
+from stageserve.serving.gateway.migration import attempt_timeout, core_hook
+from stageserve.serving.gateway.throttler_fallback import LocalTenantLimiter
+from stageserve.serving.gateway.throttling import TokenProgress, expected_counts, forward_loads
 from stageserve.v1 import (
     common_pb2,
     decode_pb2,
@@ -45,6 +51,7 @@ class ReplicaSet:
         self.stubs = {a: stub_cls(stage_channel(a)) for a in addresses}
         self.loads = {a: ReplicaLoad(a, 0, 0, 0.0, 0.0, healthy=False) for a in addresses}
         self.formats: dict[str, set[str]] = {a: set() for a in addresses}
+        self.raw: dict[str, common_pb2.StageLoad] = {}
         self._turn = 0
 
     async def refresh(self) -> None:
@@ -59,6 +66,7 @@ class ReplicaSet:
         self.loads[address] = ReplicaLoad(
             address, load.pending_tokens, load.num_running, load.kv_cache_usage, time.monotonic()
         )
+        self.raw[address] = load  # forwarded to the throttler (gateway/throttling.py)
         self.formats[address] = {FORMAT_NAMES[f] for f in load.kv_formats if f in FORMAT_NAMES}
 
     def pick(self, tokens: int) -> str:
@@ -85,15 +93,22 @@ class GatewayCore:
         channel = stage_channel(config.replica_address("throttler", 0))
         self.throttler = throttler_pb2_grpc.ThrottlerStub(channel)
         self._poller: asyncio.Task[None] | None = None
+        self.migrator = core_hook(self)  # re-dispatch after stage failures; .stats: counters for metrics
+        self.fallback = LocalTenantLimiter(config.gateway.local_tenant_max_inflight)
+        self.api_keys = ApiKeys(config.gateway.api_keys)  # per-tenant keys (gateway/identity.py)
+        self.mm = stage_multimodal_config(config, tokenizer)
+        self.encoders = EncoderPool(config, self.mm)  # hop 3, only for requests with images (gateway/images.py)
 
     async def start(self) -> None:
-        await asyncio.gather(self.prefill.refresh(), self.decode.refresh())
+        await asyncio.gather(self.prefill.refresh(), self.decode.refresh(), self.encoders.refresh())
         self._poller = asyncio.create_task(self._poll())
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.config.gateway.load_poll_interval_s)
-            await asyncio.gather(self.prefill.refresh(), self.decode.refresh())
+            await asyncio.gather(self.prefill.refresh(), self.decode.refresh(), self.encoders.refresh())
+            if self.config.gateway.report_loads:
+                await forward_loads(self.throttler, (self.prefill, self.decode))
 
     # ---- tokenization ----------------------------------------------------------------------------
     def tokenize_prompt(self, text: str) -> list[int]:
@@ -110,6 +125,13 @@ class GatewayCore:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
+    def tokenize_chat_images(self, messages: list[dict[str, Any]], images: list[bytes]) -> tuple[list[int], list[int]]:
+        """Chat contents hold IMAGE_MARKERs: -> ids with placeholder runs, each image's first position."""
+        return tokenize_chat_images(self.tokenizer, self.mm, messages, images)
+
+    async def read_image_url(self, url: str, field: str) -> bytes:
+        return await read_image_url(url, field, self.config)
+
     # ---- the request path ------------------------------------------------------------------------
     async def generate(self, request: HttpGenerateRequest) -> AsyncIterator[GenerateDelta]:
         ids = request.prompt_token_ids
@@ -121,17 +143,18 @@ class GatewayCore:
                 f"model's context of {self.max_context} tokens"
             )
         await self._admit(request)
-        completion = 0
+        progress = TokenProgress(self.throttler, request)  # ReportTokens as decode progresses
         try:
-            async for delta in self._run(request):
-                completion = delta.completion_tokens
+            async for delta in self.migrator.run(request, self._run):
+                progress.add(len(delta.token_ids), delta.completion_tokens)
                 yield delta
         finally:
-            counts = common_pb2.TokenCounts(input=len(ids), output=completion)
+            counts = progress.counts()
             try:
-                await self.throttler.Release(
-                    throttler_pb2.ReleaseRequest(request_id=request.request_id, counts=counts), timeout=2.0
-                )
+                if not self.fallback.release(request.request_id):  # admitted locally: the throttler never saw it
+                    await self.throttler.Release(
+                        throttler_pb2.ReleaseRequest(request_id=request.request_id, counts=counts), timeout=2.0
+                    )
             except grpc.aio.AioRpcError as exc:
                 log.warning("throttler release failed for %s: %s", request.request_id, exc.code().name)
 
@@ -142,19 +165,25 @@ class GatewayCore:
             tenant=common_pb2.TenantKey(
                 user=t.user, app=t.app, interaction_id=t.interaction_id, call_index=t.call_index
             ),
-            expected=common_pb2.TokenCounts(input=len(request.prompt_token_ids), output=request.params.max_tokens),
+            expected=expected_counts(request),
         )
         try:
             answer = await self.throttler.Admit(admit, timeout=5.0)
             if answer.decision == throttler_pb2.AdmitResponse.QUEUED:
                 answer = await self.throttler.AwaitAdmission(throttler_pb2.AwaitRequest(request_id=request.request_id))
         except grpc.aio.AioRpcError as exc:
-            raise Unavailable(f"throttler unreachable: {exc.code().name}") from exc
+            if self.config.gateway.throttler_failure_mode == "fail-closed":
+                raise Unavailable(f"throttler unreachable: {exc.code().name}") from exc
+            self.fallback.admit(request.request_id, (request.tenant.user, request.tenant.app), exc.code().name)
+            return
         if answer.decision != throttler_pb2.AdmitResponse.ADMITTED:
             raise Overloaded(answer.reason or "throttled", retry_after_s=max(answer.retry_after_s, 1.0))
 
     async def _run(self, request: HttpGenerateRequest) -> AsyncIterator[GenerateDelta]:
         ids, rid = request.prompt_token_ids, request.request_id
+        handles = []  # hop 3: images only; text-only requests skip the encoder
+        if request.images:
+            handles = await self.encoders.encode(rid, list(request.images), check_images(list(request.images), self.mm))
         decode_address = self.decode.pick(len(ids) + request.params.max_tokens)
         prefill_address = self.prefill.pick(len(ids))
         fmt = negotiate(
@@ -164,7 +193,7 @@ class GatewayCore:
             self.config.gateway.link_gbps,
         )
         sampling = sampling_to_proto(request.params)
-        timeout = self.config.gateway.request_timeout_s
+        timeout = attempt_timeout(self.config.gateway.request_timeout_s)
         call = self.decode.stubs[decode_address].Generate(
             decode_pb2.DecodeRequest(
                 request_id=rid, prompt_token_ids=ids, sampling=sampling, kv_format=FORMAT_IDS[fmt]
@@ -179,6 +208,8 @@ class GatewayCore:
                     sampling=sampling,
                     decode_address=decode_address,
                     kv_format=FORMAT_IDS[fmt],
+                    images=handles,
+                    image_positions=request.image_positions,
                 ),
                 timeout=timeout,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,8 @@ from stageserve.serving.common.convert import sampling_from_proto, token_event
 from stageserve.serving.common.errors import BadRequest, ModelNotFound, abort
 from stageserve.serving.gateway.core import GatewayCore, new_request_id
 from stageserve.serving.gateway.http import HttpGenerateRequest, TenantHeaders
+from stageserve.serving.gateway.images import grpc_chat_messages
+from stageserve.serving.gateway.migration import REQUEST_DEADLINE
 from stageserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -38,18 +41,35 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if request.model and request.model != self.core.model_name:
             raise ModelNotFound(f"model: {request.model!r} is not served here (serving {self.core.model_name!r})")
         which = request.WhichOneof("input")
+        images: list[bytes] = []
+        positions: list[int] = []
         if which == "prompt":
             ids = self.core.tokenize_prompt(request.prompt)
         elif which == "chat":
-            if any(m.images for m in request.chat.messages):
-                raise BadRequest("images: this deployment's model has no vision tower", field="images")
-            ids = self.core.tokenize_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
+            if any(m.images for m in request.chat.messages):  # each message's images go before its text
+                messages, images = grpc_chat_messages(request.chat.messages)
+                ids, positions = self.core.tokenize_chat_images(messages, images)
+            else:
+                ids = self.core.tokenize_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
         elif which == "prompt_token_ids":
             ids = list(request.prompt_token_ids.ids)
         else:
             raise BadRequest("input: one of prompt, chat or prompt_token_ids is required", field="input")
         params = sampling_from_proto(request.sampling)
-        return HttpGenerateRequest(request.request_id or new_request_id(), ids, params, tenant, kv_format)
+        chat = request.chat.messages if which == "chat" else []
+        system = [m.content for m in chat if m.role in ("system", "developer")]
+        system_tokens = sum(len(self.core.tokenize_prompt(t)) for t in system if t)  # fairness accounting
+        rid = request.request_id or new_request_id()
+        return HttpGenerateRequest(
+            rid,
+            ids,
+            params,
+            tenant,
+            kv_format,
+            system_tokens=system_tokens,
+            images=tuple(images),
+            image_positions=tuple(positions),
+        )
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -57,9 +77,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             metadata = context.invocation_metadata()
             tenant = tenant_from_metadata(metadata)
+            md = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
+            tenant = self.core.api_keys.authorize(tenant, md, md.get("authorization"))  # per-tenant API keys
             kv_format = dict(metadata or ()).get("x-stageserve-kv-format")
             call = self._request(request, tenant, kv_format if isinstance(kv_format, str) else None)
             await context.send_initial_metadata((("x-stageserve-interaction-id", tenant.interaction_id),))
+            remaining = context.time_remaining()
+            if remaining is not None:  # the client's deadline bounds every hop
+                REQUEST_DEADLINE.set(time.monotonic() + remaining)
             async for delta in self.core.generate(call):
                 usage = (delta.prompt_tokens, delta.completion_tokens, delta.cached_tokens) if delta.finished else None
                 yield token_event(call.request_id, delta.token_ids, delta.text, delta.finish_reason, usage)
