@@ -80,6 +80,14 @@ class Interaction:
     calls: int = 1
 
 
+@dataclass(frozen=True)
+class OITState:
+    active: dict[str, tuple[str, str, float]]  # interaction id -> (user, app, last seen)
+    ended: list[str]
+    user_app: dict[tuple[str, str], list[float]]  # interaction start times in the window
+    app: dict[str, list[float]]
+
+
 class OverloadDetector:
     """Overloaded / not, with hysteresis between the enter and leave thresholds."""
 
@@ -176,6 +184,16 @@ class OIT:
     def active_interactions(self, now: float) -> int:
         self._sweep(now, force=True)
         return len(self._active)
+
+    def export(self, now: float) -> OITState:
+        """Everything a shared store needs to rebuild this OIT's view (after it lost its own copy)."""
+        self._sweep(now, force=True)
+        return OITState(
+            active={iid: (i.user, i.app, i.last_seen) for iid, i in self._active.items()},
+            ended=list(self._ended),
+            user_app={k: w.times(now) for k, w in self._rate_ua.items()},
+            app={k: w.times(now) for k, w in self._rate_app.items()},
+        )
 
     def stats(self) -> dict[str, AppStats]:
         return {app: replace(s) for app, s in self._stats.items()}

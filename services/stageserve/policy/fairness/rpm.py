@@ -39,6 +39,10 @@ class RPMLimiter:
         self.admitted = 0
         self.rejected = 0
 
+    def export(self, now: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Call times in the window per user and per app (to rebuild a shared store)."""
+        return {u: w.times(now) for u, w in self._user.items()}, {a: w.times(now) for a, w in self._app.items()}
+
     def check(self, call: Call, now: float) -> Admit | Reject:
         """Admit and count the call, or reject it with the time until its window has room."""
         wait, reason = self._wait(call, now)

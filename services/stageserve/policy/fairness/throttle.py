@@ -25,7 +25,7 @@ from stageserve.policy.fairness.types import Admit, Call, Decision, EngineLoad, 
 from stageserve.policy.fairness.vtc import VTC, VTCConfig
 from stageserve.policy.fairness.wsc import WSC, WSCConfig
 
-POLICIES = ("always-admit", "fcfs", "rpm", "vtc", "fairserve")
+POLICIES = ("always-admit", "fcfs", "rpm", "vtc", "fairserve", "wsc")  # wsc: WSC order without OIT (ablation)
 
 
 class Admission(Protocol):
@@ -101,7 +101,7 @@ def make_scheduler(config: ThrottleConfig) -> Scheduler | None:
         return FCFS(w.w_in, w.w_out)
     if config.policy == "vtc":
         return VTC(VTCConfig(w.w_in, w.w_out, w.default_weight), config.weights)
-    if config.policy == "fairserve":
+    if config.policy in ("fairserve", "wsc"):
         return WSC(w, config.weights)
     return None
 
@@ -218,7 +218,11 @@ class Throttle:
 
     # ---- load and metrics --------------------------------------------------------------------------
     def observe_load(self, load: EngineLoad, now: float) -> bool:
+        """New engine load; also keeps the interactions of queued calls alive (a long wait is not idleness)."""
         self.engine_load = load
+        if self.admission is not None:
+            for call in self.queued.values():
+                self.admission.touch(call, now)
         return self._refresh_overload()
 
     def queued_prompt_tokens(self) -> int:

@@ -107,6 +107,11 @@ class SlidingWindow:
         self._expire(now)
         return len(self._times)
 
+    def times(self, now: float) -> list[float]:
+        """The event times still in the window (oldest first)."""
+        self._expire(now)
+        return list(self._times)
+
     def record(self, now: float) -> None:
         self._expire(now)
         self._times.append(now)

@@ -11,8 +11,11 @@ call admitted less than `interaction_idle_s` ago) is served first, so running in
 The VTC lift applies unchanged.
 Unit of fairness: the user, in normalised service ("typical calls of their app").
 Inputs: `Call.user/app/call_index/interaction_id/input_tokens/system_tokens`, reported output tokens.
-Configuration: `WSCConfig` (weights 1/1/2, δ = None meaning the largest admit charge seen so far, EWMA
-alpha, default cost, stage cap, idle time); per-user weights; an optional pre-trained `CostModel`.
+Configuration: `WSCConfig` (weights 1/1/2, δ = 1 typical call, EWMA alpha 0.02, default cost, stage cap,
+idle time); per-user weights; an optional pre-trained `CostModel`. δ = None means "the largest admit charge
+seen so far" (papers.md's default); the evaluation (docs/benchmarks.md) showed that in normalised units that
+maximum is set by outliers (a 4k-token prompt of an app whose typical call costs a few hundred tokens) and
+lets continuations overtake fairness; a faster EWMA (0.1) makes N noisy and the charges with it.
 Trade-offs: fair across apps of different shapes and kinder to interactions; the bound becomes
 2·max(max admit charge, w_out·M/N_min) + δ in normalised units, and a user can game N by making an
 app's calls atypically large (N adapts, by EWMA, to what that app's users send). O(users) per admission.
@@ -35,8 +38,8 @@ class WSCConfig:
     w_sys: float = 1.0
     w_out: float = 2.0
     default_weight: float = 1.0
-    delta: float | None = None
-    ewma_alpha: float = 0.1
+    delta: float | None = 1.0  # one typical call (normalised units); None = the largest admit charge seen
+    ewma_alpha: float = 0.02
     default_cost: float = 1024.0
     min_cost: float = 1.0
     max_stage: int = 15  # call indices above share this stage's estimate

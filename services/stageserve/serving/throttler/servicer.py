@@ -155,6 +155,10 @@ class ThrottlerServicer(throttler_pb2_grpc.ThrottlerServicer):
         if not request.request_id:
             raise BadRequest("request_id: required", field="request_id")
         t, e = request.tenant, request.expected
+        for name, value in (("request_id", request.request_id), ("tenant.user", t.user), ("tenant.app", t.app),
+                            ("tenant.interaction_id", t.interaction_id)):
+            if len(value) > 256 or any(ch in value for ch in "\x1e\x1f"):
+                raise BadRequest(f"{name}: at most 256 characters, no ASCII separators", field=name)
         return Call(
             request_id=request.request_id,
             user=t.user or "anonymous",
@@ -193,6 +197,10 @@ class ThrottlerServicer(throttler_pb2_grpc.ThrottlerServicer):
         if self.shared is None:
             return
         sched = self.throttle.scheduler
+        if self.shared.lost_state:  # Redis came back empty: push full counters, not deltas
+            self.shared.lost_state = False
+            self.shared.pending.deltas.clear()
+            self._snapshot = {}
         if sched is not None:
             current = sched.counters()
             self.shared.add_deltas({u: v - self._snapshot.get(u, 0.0) for u, v in current.items()})

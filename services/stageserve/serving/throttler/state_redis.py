@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,24 +42,28 @@ local window = tonumber(ARGV[5])
 local idle = tonumber(ARGV[6])
 local forget_ms = tonumber(ARGV[7])
 local gc_ms = math.ceil(math.max(window, idle) * 2000) + 1000
-local i = 8
-local function nxt() local v = ARGV[i]; i = i + 1; return v end
-for _ = 1, tonumber(nxt()) do
-  local u = nxt(); local d = nxt()
-  redis.call('HINCRBYFLOAT', p .. ':svc', u, d)
+-- ARGV[8..11]: deltas, touches, users to read, calls; records end with \30, fields end with \31
+local function records(blob)
+  local out = {}
+  for rec in string.gmatch(blob, '([^\30]*)\30') do
+    local f = {}
+    for x in string.gmatch(rec, '([^\31]*)\31') do f[#f + 1] = x end
+    out[#out + 1] = f
+  end
+  return out
 end
-for _ = 1, tonumber(nxt()) do
-  local iid = nxt(); local t = nxt()
-  if redis.call('EXISTS', p .. ':ia:' .. iid) == 1 then redis.call('SET', p .. ':ia:' .. iid, t, 'PX', gc_ms) end
+for _, f in ipairs(records(ARGV[8])) do redis.call('HINCRBYFLOAT', p .. ':svc', f[1], f[2]) end
+for _, f in ipairs(records(ARGV[9])) do
+  if redis.call('EXISTS', p .. ':ia:' .. f[1]) == 1 then redis.call('SET', p .. ':ia:' .. f[1], f[2], 'PX', gc_ms) end
 end
-local out = {ov and '1' or '0'}
-local nread = tonumber(nxt())
-if nread > 0 then
-  local users = {}
-  for k = 1, nread do users[k] = nxt() end
+local users = {}
+for _, f in ipairs(records(ARGV[10])) do users[#users + 1] = f[1] end
+local counters = {}
+if #users > 0 then
   local vals = redis.call('HMGET', p .. ':svc', unpack(users))
-  for k = 1, nread do out[#out + 1] = vals[k] or '' end
+  for k = 1, #users do counters[k] = vals[k] or '' end
 end
+local verdicts = {}
 local function wait(key, limit)
   if limit < 0 then return 0 end
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
@@ -77,9 +82,9 @@ local function record(key, member)
   redis.call('ZADD', key, now, member)
   redis.call('PEXPIRE', key, gc_ms)
 end
-for _ = 1, tonumber(nxt()) do
-  local rid = nxt(); local user = nxt(); local app = nxt(); local iid = nxt()
-  local ci = tonumber(nxt()); local ulim = tonumber(nxt()); local alim = tonumber(nxt()); local cap = tonumber(nxt())
+for _, f in ipairs(records(ARGV[11])) do
+  local rid, user, app, iid = f[1], f[2], f[3], f[4]
+  local ci, ulim, alim, cap = tonumber(f[5]), tonumber(f[6]), tonumber(f[7]), tonumber(f[8])
   local verdict = 'A'
   if mode == 'oit' then
     local ia = p .. ':ia:' .. iid
@@ -127,9 +132,9 @@ for _ = 1, tonumber(nxt()) do
       record(ak, rid)
     end
   end
-  out[#out + 1] = verdict
+  verdicts[#verdicts + 1] = verdict
 end
-return out
+return {ov and '1' or '0', table.concat(counters, '\30'), table.concat(verdicts, '\30')}
 """
 
 
@@ -189,6 +194,44 @@ class RedisState:
                     pipe.pexpire(k, gc_ms)
         pipe.execute()
 
+    def epoch(self) -> str | None:
+        """A token that changes when Redis lost its data (restarted without persistence, flushed)."""
+        value = self.client.get(self.key("epoch"))
+        return value.decode() if value else None
+
+    def claim_epoch(self) -> str:
+        self.client.set(self.key("epoch"), uuid.uuid4().hex, nx=True, ex=7 * 86400)
+        return self.epoch() or ""
+
+    def restore(self, local: OITAdmission | RPMAdmission | None, now: float, idle_s: float, window_s: float,
+                forget_s: float) -> None:
+        """Redis lost its data: rebuild the shared windows and interactions from this replica's local view."""
+        gc_ms = math.ceil(max(window_s, idle_s) * 2000) + 1000
+        pipe = self.client.pipeline(transaction=True)
+
+        def window(key: str, times: list[float]) -> None:
+            if times:
+                pipe.zadd(key, {f"restore@{t!r}@{k}": t for k, t in enumerate(times)})
+                pipe.pexpire(key, gc_ms)
+
+        if isinstance(local, OITAdmission):
+            state = local.oit.export(now)
+            for iid, (_, _, last) in state.active.items():
+                pipe.set(self.key("ia", iid), repr(last), px=gc_ms)
+            for iid in [*state.active, *state.ended]:
+                pipe.set(self.key("seen", iid), "1", px=int(forget_s * 1000))
+            for (user, app), times in state.user_app.items():
+                window(self.key("rua", f"{user}|{app}"), times)
+            for app, times in state.app.items():
+                window(self.key("ra", app), times)
+        elif isinstance(local, RPMAdmission):
+            users, apps = local.rpm.export(now)
+            for user, times in users.items():
+                window(self.key("cu", user), times)
+            for app, times in apps.items():
+                window(self.key("ca", app), times)
+        pipe.execute()
+
     def flush_all(self) -> None:
         """Deletes this prefix's keys (tests and benchmarks)."""
         for k in self.client.scan_iter(match=f"{self.prefix}:*", count=1000):
@@ -222,6 +265,12 @@ class RedisAdmission(Admission):
         self.shared_overloaded = False
         self._verdicts: dict[str, Admit | Reject] = {}
         self._next_try = 0.0
+        self.lost_state = False  # set when Redis came back empty: the caller re-pushes its full counters
+        try:
+            self.epoch: str | None = state.claim_epoch()
+        except redis.RedisError as exc:
+            self.epoch = None
+            self._down(exc, 0.0)
         if self.mode == "oit":
             assert isinstance(local, OITAdmission)
             cfg = local.oit.config
@@ -268,9 +317,11 @@ class RedisAdmission(Admission):
         self.pending.deltas.clear()
         self.pending.touches.clear()
         self.shared_overloaded = out[0] == b"1"
-        counters = {u: float(v) for u, v in zip(users, out[1 : 1 + len(users)], strict=True) if v}
-        for call, raw in zip(calls, out[1 + len(users) :], strict=True):
-            self._verdicts[call.request_id] = self._verdict(call, raw.decode())
+        values = out[1].decode().split(RS) if users else []
+        counters = {u: float(v) for u, v in zip(users, values, strict=True) if v}
+        verdicts = out[2].decode().split(RS) if calls else []
+        for call, raw in zip(calls, verdicts, strict=True):
+            self._verdicts[call.request_id] = self._verdict(call, raw)
             if self.local is not None:
                 self.local.check(call, now, overloaded)  # keep the fallback's state warm; its answer is not used
         return counters
@@ -282,20 +333,18 @@ class RedisAdmission(Admission):
 
     # ---- internals --------------------------------------------------------------------------------
     def _args(self, calls: Sequence[Call], now: float, overloaded: bool, users: list[str]) -> list[str]:
+        """One string per list (records end with RS, fields with US): redis-py packs few large args fast."""
         a: list[str] = [self.state.prefix, repr(now), "1" if overloaded else "0", self.mode]
         a += [repr(self.window_s), repr(self.idle_s), str(int(self.forget_s * 1000) or 1000)]
-        a.append(str(len(self.pending.deltas)))
-        for u, d in self.pending.deltas.items():
-            a += [u, repr(d)]
-        a.append(str(len(self.pending.touches)))
-        for iid, t in self.pending.touches.items():
-            a += [iid, repr(t)]
-        a.append(str(len(users)))
-        a += users
-        a.append(str(len(calls)))
+        a.append("".join(f"{u}{US}{d!r}{US}{RS}" for u, d in self.pending.deltas.items()))
+        a.append("".join(f"{iid}{US}{t!r}{US}{RS}" for iid, t in self.pending.touches.items()))
+        a.append("".join(f"{u}{US}{RS}" for u in users))
+        parts = []
         for c in calls:
             ulim, alim, cap = self._limits(c.app)
-            a += [c.request_id, c.user, c.app, c.interaction_id, str(c.call_index), ulim, alim, str(cap)]
+            fields = (c.request_id, c.user, c.app, c.interaction_id, str(c.call_index), ulim, alim, str(cap))
+            parts.append(US.join(fields) + US + RS)
+        a.append("".join(parts))
         return a
 
     def _limits(self, app: str) -> tuple[str, str, int]:
@@ -322,7 +371,10 @@ class RedisAdmission(Admission):
                 else f"app {call.app} over {lim.app_per_min} interactions/min"
             )
             return Reject(retry_after_s=max(wait, self.min_retry), reason=f"oit: overloaded, {what}")
-        return Reject(retry_after_s=wait, reason=f"rpm: {'user ' + call.user if which == 'u' else 'app ' + call.app}")
+        assert isinstance(self.local, RPMAdmission)
+        rc = self.local.rpm.config
+        what = f"user {call.user} over {rc.user_rpm}" if which == "u" else f"app {call.app} over {rc.app_rpm}"
+        return Reject(retry_after_s=wait, reason=f"rpm: {what}/window")
 
     def _decide_locally(self, calls: Sequence[Call], now: float, overloaded: bool) -> None:
         for call in calls:
@@ -339,12 +391,18 @@ class RedisAdmission(Admission):
         if now < self._next_try:
             return False
         try:
-            self.state.client.ping()
-            self.state.replay(self.pending, self.idle_s, self.window_s, self.forget_s, self.mode)
+            lost = self.state.epoch() != self.epoch
+            if lost:  # Redis restarted empty: rebuild from the local view, which saw everything this replica did
+                self.state.restore(self.local, now, self.idle_s, self.window_s, self.forget_s)
+                self.epoch = self.state.claim_epoch()
+            else:
+                self.state.replay(self.pending, self.idle_s, self.window_s, self.forget_s, self.mode)
         except redis.RedisError:
             self._next_try = now + self.retry_s
             return False
-        log.warning("redis %s is back: resynced %d starts, %d counter deltas", self.state.url,
+        self.lost_state = self.lost_state or lost
+        log.warning("redis %s is back (%s): resynced %d starts, %d counter deltas", self.state.url,
+                    "restored from local state" if lost else "replayed the outage",
                     len(self.pending.starts), len(self.pending.deltas))
         self.pending = Pending({}, {}, [])
         self.degraded = False
@@ -358,6 +416,7 @@ class RedisAdmission(Admission):
         self._next_try = now + self.retry_s
 
 
+US, RS = "\x1f", "\x1e"  # field and record separators of the script's arguments (rejected in names)
 _ADMIT_REASONS = {
     "A|c": "oit: continuation",
     "A|a": "oit: continuation of an unknown interaction",

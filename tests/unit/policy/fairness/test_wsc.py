@@ -127,7 +127,7 @@ def test_continuation_outside_delta_or_idle_interaction_is_not_preferred() -> No
     assert pop_id(idle, 121.0) == "a1"
 
 
-def test_default_delta_is_the_largest_admit_charge_seen() -> None:
+def test_delta_none_is_the_largest_admit_charge_seen() -> None:
     wsc = _two_users(None, call("b", "b1", idx=1, iid="bi"))
     assert wsc.delta == 13.0
     assert pop_id(wsc, 1.0) == "b1"

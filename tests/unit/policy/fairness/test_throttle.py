@@ -1,0 +1,103 @@
+"""The throttler's state machine in simulated time: each policy's admit / queue / reject, capacity, dispatch order."""
+
+from __future__ import annotations
+
+import pytest
+
+from stageserve.policy.fairness.oit import AppLimits
+from stageserve.policy.fairness.rpm import RPMConfig
+from stageserve.policy.fairness.throttle import Throttle, ThrottleConfig
+from stageserve.policy.fairness.types import Admit, Call, EngineLoad, Queue, Reject
+
+HOT = EngineLoad(kv_usage=0.95, queued_prefill_tokens=0, batch_token_budget=1000)
+CALM = EngineLoad(kv_usage=0.1, queued_prefill_tokens=0, batch_token_budget=1000)
+
+
+def call(rid: str, user: str = "u", iid: str | None = None, idx: int = 0, app: str = "chat", inp: int = 10) -> Call:
+    return Call(rid, user, app, iid or rid, idx, input_tokens=inp, max_output_tokens=10)
+
+
+def throttle(policy: str, **kw: object) -> Throttle:
+    return Throttle(ThrottleConfig(policy=policy, **kw))  # type: ignore[arg-type]
+
+
+def test_always_admit_never_queues() -> None:
+    t = throttle("always-admit", max_running_calls=1)
+    assert all(isinstance(t.admit(call(f"r{i}"), 0.0), Admit) for i in range(5))
+
+
+def test_fcfs_queues_over_capacity_and_dispatches_in_arrival_order() -> None:
+    t = throttle("fcfs", max_running_calls=1)
+    assert isinstance(t.admit(call("a0", "a"), 0.0), Admit)
+    assert t.admit(call("a1", "a"), 0.1) == Queue(position=1, reason="fcfs: waiting for capacity")
+    assert isinstance(t.admit(call("b0", "b"), 0.2), Queue)
+    assert [c.request_id for c in t.release("a0", 10, 1.0)] == ["a1"]
+    assert [c.request_id for c in t.release("a1", 10, 2.0)] == ["b0"]
+
+
+def test_vtc_dispatches_the_least_served_user_first() -> None:
+    t = throttle("vtc", max_running_calls=1)
+    t.admit(call("a0", "a"), 0.0)
+    t.admit(call("a1", "a"), 0.0)
+    t.admit(call("b0", "b"), 0.0)
+    t.report_tokens("a0", 5, 0.5)  # a is charged for its output as it is produced
+    assert t.service_gap() > 0
+    assert [c.request_id for c in t.release("a0", 10, 1.0)] == ["b0"]
+
+
+def test_token_capacity_lets_a_big_call_run_alone() -> None:
+    t = throttle("fcfs", max_running_calls=0, max_running_tokens=100)
+    assert isinstance(t.admit(call("big", inp=500), 0.0), Admit)  # larger than capacity but nothing runs
+    assert isinstance(t.admit(call("small", inp=10), 0.0), Queue)
+    assert [c.request_id for c in t.release("big", 10, 1.0)] == ["small"]
+
+
+def test_rpm_rejects_even_when_idle() -> None:
+    t = throttle("rpm", rpm=RPMConfig(user_rpm=2))
+    t.observe_load(CALM, 0.0)
+    decisions = [t.admit(call(f"r{i}"), float(i)) for i in range(3)]
+    assert isinstance(decisions[2], Reject) and not t.overloaded
+    assert decisions[2].retry_after_s == pytest.approx(58.0)
+
+
+def test_fairserve_rejects_only_new_interactions_under_overload() -> None:
+    t = throttle("fairserve", limits={"chat": AppLimits(user_per_min=1)})
+    assert all(isinstance(t.admit(call(f"c{i}"), float(i)), Admit) for i in range(5))  # calm: limits ignored
+    t.observe_load(HOT, 10.0)
+    assert t.overloaded
+    assert isinstance(t.admit(call("n1", iid="new1"), 10.0), Reject)
+    assert isinstance(t.admit(call("c0b", iid="c0", idx=1), 10.0), Admit)  # continuation, never rejected
+    assert t.decisions == {"admitted": 6, "queued": 0, "rejected": 1}
+
+
+def test_queue_counts_toward_overload_and_queued_interactions_stay_alive() -> None:
+    t = throttle("fairserve", max_running_calls=1, batch_token_budget=100, limits={"chat": AppLimits(user_per_min=1)})
+    t.admit(call("r0", inp=50), 0.0)
+    t.admit(call("r1", user="v", inp=150, iid="v1"), 0.0)
+    assert not t.overloaded
+    t.admit(call("r2", user="w", inp=100, iid="w1"), 0.0)  # 250 queued prompt tokens >= 2 x 100
+    assert t.overloaded
+    for now in (100.0, 200.0):  # queued for longer than the 120 s idle time
+        t.observe_load(EngineLoad(0.0, 0, 100), now)
+    decision = t.admit(call("v1b", user="v", iid="v1", idx=1), 201.0)
+    assert isinstance(decision, Queue)  # still a continuation: queued, not rejected as a new interaction
+
+
+def test_release_of_a_queued_call_cancels_it() -> None:
+    t = throttle("vtc", max_running_calls=1)
+    t.admit(call("a0", "a"), 0.0)
+    t.admit(call("b0", "b"), 0.0)
+    assert t.release("b0", 0, 1.0) == [] and not t.queued
+    assert t.release("a0", 3, 2.0) == [] and not t.running
+
+
+def test_duplicate_request_id_is_an_error() -> None:
+    t = throttle("fcfs")
+    t.admit(call("r"), 0.0)
+    with pytest.raises(ValueError, match="request_id"):
+        t.admit(call("r"), 0.0)
+
+
+def test_unknown_policy_is_named() -> None:
+    with pytest.raises(ValueError, match="policy: unknown policy 'nope'"):
+        ThrottleConfig(policy="nope")
