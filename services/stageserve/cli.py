@@ -109,6 +109,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="which half of --data: calib = first, eval = second (default: eval for a ZeroC model, else all)",
     )
     ppl.set_defaults(func=_eval_ppl)
+    from stageserve.tools.eval_fairness import add_eval_fairness_parser
+
+    add_eval_fairness_parser(evsub)
 
 
 def _full_dims(llm: object) -> list[tuple[int, int]]:
@@ -190,6 +193,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from stageserve.tools.bench_serve import add_bench_serve_parser
 
     add_bench_serve_parser(bsub)
+    from stageserve.tools.bench_throttler import add_bench_throttler_parser
+
+    add_bench_throttler_parser(bsub)
 
 
 def _bench_offline(args: argparse.Namespace) -> int:
