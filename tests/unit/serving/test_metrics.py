@@ -89,3 +89,19 @@ def test_groups_keep_other_stages_series_out():
     assert "vllm:" not in text and "stageserve_encoder" not in text
     with pytest.raises(ValueError, match="unknown"):
         metrics.enable("nope", registry=reg)
+
+
+def test_served_exposition_keeps_vllm_colons_even_when_openmetrics_is_asked(registry):
+    import urllib.request
+
+    server = metrics.serve(0, "127.0.0.1", registry=registry)
+    try:
+        port = server.server_address[1]
+        accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"  # what Prometheus sends
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            text = response.read().decode()
+            assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert "\nvllm:generation_tokens_total{" in text and "vllm_generation" not in text
+    finally:
+        server.shutdown()

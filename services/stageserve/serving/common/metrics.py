@@ -14,21 +14,16 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    start_http_server,
-)
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["CONTENT_TYPE_LATEST", "REGISTRY", "CollectorRegistry"]
+__all__ = ["CONTENT_TYPE", "REGISTRY", "CollectorRegistry"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format keeps the ':' of vLLM's names
 
 # Buckets of vLLM's histograms (vllm/v1/metrics/loggers.py), so quantiles compare across servers.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -153,22 +148,22 @@ GROUPS: dict[str, tuple[Any, ...]] = {
     "gateway": (GATEWAY_REQUESTS, GATEWAY_TTFT, GATEWAY_ITL, GATEWAY_E2E),
 }  # fmt: skip
 """Which metrics each kind of process exports (a stage exports only its own, never another stage's zeros)."""
-_enabled: set[str] = set()
+_enabled: weakref.WeakKeyDictionary[CollectorRegistry, set[str]] = weakref.WeakKeyDictionary()
 _enable_lock = threading.Lock()
 
 
 def enable(*groups: str, registry: CollectorRegistry = REGISTRY) -> None:
     """Registers the metric groups this process exports (plus ``stageserve_stage_info``); idempotent."""
     with _enable_lock:
+        done = _enabled.setdefault(registry, set())
         for group in ("info", *groups):
             if group != "info" and group not in GROUPS:
                 raise ValueError(f"metrics group: unknown {group!r} (known: {', '.join(GROUPS)})")
-            key = f"{id(registry)}:{group}"
-            if key in _enabled:
+            if group in done:
                 continue
             for metric in (STAGE_INFO,) if group == "info" else GROUPS[group]:
                 registry.register(metric)
-            _enabled.add(key)
+            done.add(group)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -341,9 +336,31 @@ def count_gateway_request(model_name: str, protocol: str, code: int | str) -> No
 
 
 # ---- exposition --------------------------------------------------------------------------------------------
-def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Serves ``/metrics`` of the default registry on ``host:port`` from a daemon thread."""
-    start_http_server(port, addr=host)
+def serve(port: int, host: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> ThreadingHTTPServer:
+    """Serves ``GET /metrics`` of ``registry`` on ``host:port`` from a daemon thread.
+
+    Always in the classic text format (0.0.4): prometheus_client's OpenMetrics output, which Prometheus asks for
+    first, escapes the ':' of vLLM's names to '_' (``vllm_num_requests_running``), which dashboards would miss."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] not in ("/", "/metrics"):
+                self.send_error(404, "only /metrics is served here")
+                return
+            body = render(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # scrapes every second: no access log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
 
 
 def render(registry: CollectorRegistry = REGISTRY) -> bytes:

@@ -98,4 +98,4 @@ def install(app: FastAPI, model_name: str) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
