@@ -128,10 +128,14 @@ class LocalStack:
                 replica.popen.wait(timeout=5.0)
 
     def stop_all(self) -> None:
-        for stage in reversed(STAGE_NAMES):
-            for replica in reversed(self.replicas.get(stage, [])):
-                self._stop(replica)
-            self.replicas[stage] = []
+        """SIGTERM to every replica at once, then wait (SIGKILL after ``grace_s``)."""
+        everyone = [r for stage in reversed(STAGE_NAMES) for r in reversed(self.replicas.get(stage, []))]
+        for replica in everyone:
+            if replica.popen.poll() is None:
+                _killpg(replica.popen.pid, signal.SIGTERM)
+        for replica in everyone:
+            self._stop(replica)
+        self.replicas = {}
         self.write_targets()
         if self.config_path and os.path.exists(self.config_path):
             os.unlink(self.config_path)

@@ -33,6 +33,7 @@ def labels(name: str, stage: str) -> dict[str, str]:
         "app.kubernetes.io/name": "stageserve",
         "app.kubernetes.io/instance": name,
         "app.kubernetes.io/component": stage,
+        "app.kubernetes.io/part-of": "stageserve",
         "app.kubernetes.io/managed-by": "stageserve-operator",
         DEPLOYMENT_LABEL: name,
         STAGE_LABEL: stage,
