@@ -21,6 +21,9 @@ def pipeline(pipeline_trace_dir):
     config = free_port_config(
         prefill={"kv_cache_memory_bytes": 128 << 20},
         decode={"kv_cache_memory_bytes": 256 << 20},
+        # every request is admitted through the FairServe throttler (OIT + WSC); app t429 has a limit of one
+        # new interaction per minute per user, enforced only under overload (test_throttler_pipeline.py)
+        throttler={"policy": "fairserve", "limits": {"t429": {"user_per_min": 1}}},
     )
     env = {**os.environ, "STAGESERVE_TRACE_DIR": str(pipeline_trace_dir)}
     supervisor = Supervisor(config, startup_timeout_s=300.0, env=env)
