@@ -96,6 +96,7 @@ class Attention(nn.Module):
         # [Hkv, head_dim, r_qk] projects post-RoPE q/k when set. Defaults leave the layer unchanged.
         self.v_dim = self.head_dim
         self.qk_basis: torch.Tensor | None = None
+        self.q_basis: torch.Tensor | None = None  # q's own map when it differs from k's (whitened ZeroC)
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
@@ -108,7 +109,7 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.v_dim)
         q, k = apply_rope(q, k, rope)
         if self.qk_basis is not None:
-            q, k = project_qk(q, k, self.qk_basis, self.head_dim)
+            q, k = project_qk(q, k, self.qk_basis, self.head_dim, self.q_basis)
         out = step.run(self.layer, q, k, v)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
@@ -119,13 +120,15 @@ class Attention(nn.Module):
 
 
 def project_qk(
-    q: torch.Tensor, k: torch.Tensor, basis: torch.Tensor, head_dim: int
+    q: torch.Tensor, k: torch.Tensor, basis: torch.Tensor, head_dim: int, q_basis: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ZeroC: post-RoPE q [T, Hq, d], k [T, Hkv, d] -> [T, ·, r] in each KV head's basis [Hkv, d, r] (a query
-    head uses its KV head's basis). q is scaled by √(r/d) so attention's default 1/√r scale equals 1/√d."""
+    head uses its KV head's basis, or ``q_basis`` when given). q is scaled by √(r/d) so attention's default
+    1/√r scale equals 1/√d."""
     group = q.shape[1] // basis.shape[0]
     r = basis.shape[-1]
-    q = torch.einsum("thd,hdr->thr", q, basis.repeat_interleave(group, 0)) * math.sqrt(r / head_dim)
+    qb = basis if q_basis is None else q_basis
+    q = torch.einsum("thd,hdr->thr", q, qb.repeat_interleave(group, 0)) * math.sqrt(r / head_dim)
     return q, torch.einsum("thd,hdr->thr", k, basis)
 
 
