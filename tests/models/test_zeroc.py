@@ -39,6 +39,27 @@ def _random_bases(cfg, seed=1):
     return Bases([orth() for _ in range(n)], [orth() for _ in range(n)], [e] * n, [e] * n)
 
 
+@pytest.mark.parametrize("method", ["paper", "whitened"])
+def test_full_rank_equals_uncompressed_calibrated_tiny(method):
+    """Bases from calibration (both methods): full rank reproduces the model; each truncation step loses more."""
+    from stageserve.models.llama import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = LlamaForCausalLM(cfg).eval()
+    ids = [int(x) for x in torch.randint(0, cfg.vocab_size, (120,), generator=torch.Generator().manual_seed(5))]
+    ref = _forward(model, ids)
+    bases = calibrate(model, ids[:96], window=48, method=method)
+    assert (bases.q is not None) == (method == "whitened")
+    zc = ZeroCModel(model, bases)
+    zc.apply(RankPlan.uniform(cfg.num_hidden_layers, cfg.head_dim, cfg.head_dim))
+    torch.testing.assert_close(_forward(model, ids), ref, rtol=1e-4, atol=1e-4)
+    zc.apply(RankPlan.uniform(cfg.num_hidden_layers, 8, 8))
+    assert (_forward(model, ids) - ref).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="method"):
+        calibrate(model, ids, method="nope")
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_full_rank_equals_uncompressed_tiny(bias):
     import dataclasses
@@ -98,8 +119,8 @@ def test_calibration_and_eval_halves_do_not_overlap(loaded):
 def compressed_dir(loaded, tmp_path_factory):
     """SmolLM2 calibrated on 256 tokens, mixed per-layer ranks, saved and loaded back."""
     model = copy.deepcopy(loaded.model)
-    ids = corpus_split_tokens(loaded.tokenizer, DATA, "calib", 256)
-    bases = calibrate(model, ids, window=256)
+    ids = corpus_split_tokens(loaded.tokenizer, DATA, "calib", 128)
+    bases = calibrate(model, ids, window=128)
     n, d = loaded.config.num_hidden_layers, loaded.config.head_dim
     plan = RankPlan(tuple(48 if i % 2 else d for i in range(n)), tuple(56 if i % 3 == 0 else d for i in range(n)))
     zc = ZeroCModel(model, bases)
@@ -116,44 +137,47 @@ def test_full_rank_equals_uncompressed_smollm2(compressed_dir):
     assert compressed_dir[3] < 2e-4  # fp32, hidden states of magnitude ~50
 
 
-def test_compressed_dir_loads_and_matches(compressed_dir):
+@pytest.fixture(scope="module")
+def reloaded(compressed_dir):
+    return load_model(str(compressed_dir[0]))
+
+
+def test_compressed_dir_loads_and_matches(compressed_dir, reloaded):
     out, plan, model, _ = compressed_dir
     meta = json.loads((out / ZEROC_FILE).read_text())
     assert meta["ranks"] == {"qk": list(plan.qk), "v": list(plan.v)}
-    reloaded = load_model(str(out))
     assert reloaded.model.kv_head_dims() == list(zip(plan.qk, plan.v, strict=True))
     ids = list(range(100, 140))
     torch.testing.assert_close(_forward(reloaded.model, ids), _forward(model, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_engine_serves_compressed_model(compressed_dir):
+def test_engine_serves_compressed_model(compressed_dir, reloaded):
     from stageserve.core.sampling import SamplingParams
     from stageserve.engine import LLM
 
-    out, plan, _, _ = compressed_dir
-    llm = LLM(model=str(out), num_kv_blocks=64)
+    plan = compressed_dir[1]
+    llm = LLM(loaded=reloaded, num_kv_blocks=64)
     cache = llm.engine.cache
     assert [t.shape[-1] for t in cache.k] == list(plan.qk)
     assert [t.shape[-1] for t in cache.v] == list(plan.v)
     ids = llm.tokenizer.encode("The capital of France is")
-    got = llm.generate([ids], SamplingParams(max_tokens=6, temperature=0.0))[0]
-    # the cached decode path equals a full no-cache forward of the same compressed model
-    loaded = llm.engine.loaded
+    got = llm.generate([ids], SamplingParams(max_tokens=5, temperature=0.0))[0]
+    # the paged, cached decode path equals full no-cache forwards of the same compressed model
     seq = list(ids)
-    for _ in range(6):
-        seq.append(int(loaded.model.logits(_forward(loaded.model, seq)[-1:]).argmax()))
+    with torch.inference_mode():
+        for _ in range(5):
+            seq.append(int(reloaded.model.logits(_forward(reloaded.model, seq)[-1:]).argmax()))
     assert list(got.outputs[0].token_ids) == seq[len(ids) :]
 
 
-def test_quantized_pages_on_compressed_dims(compressed_dir):
+def test_quantized_pages_on_compressed_dims(reloaded):
     """hack2 pages close over per-layer K/V dims (decode-step scoring of one window)."""
     from stageserve.engine import LLM
 
-    out, _, _, _ = compressed_dir
-    window = corpus_split_tokens(load_model(str(out)).tokenizer, DATA, "eval", 80)
-    plain = LLM(model=str(out), num_kv_blocks=16).engine.score_by_decode_steps([window])[0]
-    hack = LLM(model=str(out), num_kv_blocks=16, kv_format="hack2").engine.score_by_decode_steps([window])[0]
-    assert plain.shape == hack.shape == (79,)
+    window = corpus_split_tokens(reloaded.tokenizer, DATA, "eval", 72)
+    plain = LLM(loaded=reloaded, num_kv_blocks=8).engine.score_by_decode_steps([window])[0]
+    hack = LLM(loaded=reloaded, num_kv_blocks=8, kv_format="hack2").engine.score_by_decode_steps([window])[0]
+    assert plain.shape == hack.shape == (71,)
     assert torch.isfinite(hack).all()
-    assert not torch.equal(plain[70:], hack[70:])  # page [4, 68) was quantized once it filled
+    assert not torch.equal(plain[68:], hack[68:])  # page [4, 68) was quantized once it filled
     assert float((plain[:60] - hack[:60]).abs().max()) < 0.1  # before that: BF16 rounding only

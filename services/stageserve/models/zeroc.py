@@ -56,12 +56,17 @@ class RankPlan:
 
 @dataclass
 class Bases:
-    """Per layer: qk [Hkv, d, d] and vo [Hkv, d, d] (columns by decreasing σ) and their σ² spectra [Hkv, d]."""
+    """Per layer: qk [Hkv, d, d] (the k map; also q's unless ``q`` is set) and vo [Hkv, d, d] (the V map,
+    W_v′ = voᵀ·W_v; W_o′[h] = W_o[h]·vo_out, vo_out = vo unless set), columns by decreasing σ, and the σ²
+    spectra [Hkv, d]. ``q``/``vo_out`` are set by the whitened method only."""
 
     qk: list[torch.Tensor]
     vo: list[torch.Tensor]
     qk_energy: list[torch.Tensor]
     vo_energy: list[torch.Tensor]
+    q: list[torch.Tensor] | None = None
+    vo_out: list[torch.Tensor] | None = None
+    method: str = "paper"
 
     def kept_energy(self, layer: int, kind: str, rank: int) -> float:
         """Mean over KV heads of Σ_{i≤r} σ_i² / Σ σ_i² (papers.md §2.4 E(r))."""
@@ -74,7 +79,8 @@ class _GramRecorder:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         zeros = lambda: torch.zeros(num_kv_heads, head_dim, head_dim, dtype=torch.float64)  # noqa: E731
-        self.qk = [zeros() for _ in range(num_layers)]
+        self.q = [zeros() for _ in range(num_layers)]
+        self.k = [zeros() for _ in range(num_layers)]
         self.v = [zeros() for _ in range(num_layers)]
         self.attn = NoCacheAttention()
 
@@ -83,7 +89,8 @@ class _GramRecorder:
         group = q.shape[1] // hkv
         qg = q.double().transpose(0, 1).reshape(hkv, group * q.shape[0], -1)  # query heads of a group stacked
         kd = k.double().transpose(0, 1)
-        self.qk[layer] += qg.transpose(1, 2) @ qg + group * (kd.transpose(1, 2) @ kd)
+        self.q[layer] += qg.transpose(1, 2) @ qg
+        self.k[layer] += kd.transpose(1, 2) @ kd
         vd = v.double().transpose(0, 1)
         self.v[layer] += vd.transpose(1, 2) @ vd
         return self.attn.run(layer, q, k, v)
@@ -95,9 +102,20 @@ def _eigh_desc(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evecs.flip(-1).float(), evals.flip(-1).clamp(min=0).float()
 
 
+METHODS = ("paper", "whitened")
+
+
 @torch.inference_mode()
-def calibrate(model: LlamaForCausalLM, ids: list[int], window: int = 1024, progress: bool = False) -> Bases:
-    """Runs the calibration tokens (windows of ``window``) and returns the ZeroC bases of every layer."""
+def calibrate(
+    model: LlamaForCausalLM, ids: list[int], window: int = 1024, progress: bool = False, method: str = "paper"
+) -> Bases:
+    """Runs the calibration tokens (windows of ``window``) and returns the ZeroC bases of every layer.
+
+    ``paper``: orthonormal R_qk from the stacked post-RoPE q/k rows and R_vo from [V; W_oᵀ] (papers.md §2.2-2.3).
+    ``whitened`` [ours]: the best rank-r factorisations of the calibration scores Q·Kᵀ and head outputs
+    V·W_o (SVD after whitening by the q/k/v Gram matrices); still folded into W_v/W_o and one map per q/k."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     from tqdm import tqdm
 
     cfg = model.config
@@ -105,15 +123,53 @@ def calibrate(model: LlamaForCausalLM, ids: list[int], window: int = 1024, progr
     chunks = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
     for chunk in tqdm(chunks, desc="calibrate", unit="window", disable=not progress):
         model(torch.tensor(chunk), torch.arange(len(chunk)), rec)
+    if method == "whitened":
+        return _whitened(model, rec)
     qk, vo, qk_e, vo_e = [], [], [], []
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
     for layer in range(cfg.num_hidden_layers):
-        r, e = _eigh_desc(rec.qk[layer])
+        r, e = _eigh_desc(rec.q[layer] + group * rec.k[layer])
         qk.append(r)
         qk_e.append(e)
         r, e = _eigh_desc(rec.v[layer] / _fro2(rec.v[layer]) + _wo_gram(model, layer))
         vo.append(r)
         vo_e.append(e)
     return Bases(qk, vo, qk_e, vo_e)
+
+
+def _chol(gram: torch.Tensor) -> torch.Tensor:
+    """L with L·Lᵀ = gram (+ a tiny ridge so rank-deficient calibration stays invertible)."""
+    d = gram.shape[-1]
+    ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(d, dtype=gram.dtype)
+    return torch.linalg.cholesky(gram + ridge)
+
+
+def _whitened(model: LlamaForCausalLM, rec: _GramRecorder) -> Bases:
+    """Q·Kᵀ = (Q L_q⁻ᵀ)(L_qᵀ L_k)(L_k⁻¹ Kᵀ); SVD L_qᵀL_k = U S Wᵀ: q map L_q⁻ᵀ U S^½, k map L_k⁻ᵀ W S^½.
+    V·W_cat = (V L_v⁻ᵀ)(L_vᵀ W_cat); SVD L_vᵀ W_cat = U S Yᵀ: V map L_v⁻ᵀ U (whitened channels), W_o map L_v U."""
+    q_maps, k_maps, v_maps, o_maps, qk_e, vo_e = [], [], [], [], [], []
+    for layer in range(model.config.num_hidden_layers):
+        lq, lk, lv = _chol(rec.q[layer]), _chol(rec.k[layer]), _chol(rec.v[layer])
+        u, s, wh = torch.linalg.svd(lq.transpose(1, 2) @ lk)
+        root = s.sqrt()[:, None, :]
+        q_maps.append((torch.linalg.solve_triangular(lq.transpose(1, 2), u, upper=True) * root).float())
+        k_map = torch.linalg.solve_triangular(lk.transpose(1, 2), wh.transpose(1, 2), upper=True)
+        k_maps.append((k_map * root).float())
+        qk_e.append((s**2).float())
+        w_cat = _wo_cat(model, layer)  # [Hkv, d, G·D]
+        u, s, _ = torch.linalg.svd(lv.transpose(1, 2) @ w_cat, full_matrices=False)
+        v_maps.append(torch.linalg.solve_triangular(lv.transpose(1, 2), u, upper=True).float())
+        o_maps.append((lv @ u).float())
+        vo_e.append((s**2).float())
+    return Bases(k_maps, v_maps, qk_e, vo_e, q=q_maps, vo_out=o_maps, method="whitened")
+
+
+def _wo_cat(model: LlamaForCausalLM, layer: int) -> torch.Tensor:
+    """Per KV head: [W_o[h]ᵀ for its query heads] side by side, [Hkv, d, G·D] (float64)."""
+    attn = model.layers[layer].self_attn
+    w = attn.o_proj.weight.detach().double()  # [D, Hq·d]
+    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    return w.reshape(w.shape[0], hkv, hq // hkv, d).permute(1, 3, 2, 0).reshape(hkv, d, -1)
 
 
 def _fro2(gram: torch.Tensor) -> torch.Tensor:
@@ -159,10 +215,12 @@ class ZeroCModel:
         plan.validate(self.model.config)
         for i, layer in enumerate(self.model.layers):
             o = self.original[i]
-            w_qkv, b_qkv, w_o = compress_layer(
-                layer.self_attn, o.qkv_w, o.qkv_b, o.o_w, self.bases.vo[i][:, :, : plan.v[i]]
-            )
-            set_layer(layer.self_attn, w_qkv, b_qkv, w_o, self.bases.qk[i][:, :, : plan.qk[i]])
+            b = self.bases
+            rv, rq = plan.v[i], plan.qk[i]
+            out_map = None if b.vo_out is None else b.vo_out[i][:, :, :rv]
+            w_qkv, b_qkv, w_o = compress_layer(layer.self_attn, o.qkv_w, o.qkv_b, o.o_w, b.vo[i][:, :, :rv], out_map)
+            q_map = None if b.q is None else b.q[i][:, :, :rq]
+            set_layer(layer.self_attn, w_qkv, b_qkv, w_o, b.qk[i][:, :, :rq], q_map)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -178,9 +236,15 @@ def _is_identity(basis: torch.Tensor) -> bool:
 
 
 def compress_layer(
-    attn: nn.Module, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, o_w: torch.Tensor, r_v: torch.Tensor
+    attn: nn.Module,
+    qkv_w: torch.Tensor,
+    qkv_b: torch.Tensor | None,
+    o_w: torch.Tensor,
+    r_v: torch.Tensor,
+    o_map: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Original fused qkv weight/bias and o_proj weight + the V basis [Hkv, d, r_v] -> compressed weights."""
+    """Original fused qkv weight/bias and o_proj weight + the V map [Hkv, d, r_v] (and the W_o map, default the
+    same) -> compressed weights."""
     hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     rv = r_v.shape[-1]
     r = r_v.to(qkv_w.dtype)
@@ -192,12 +256,18 @@ def compress_layer(
         b_new = torch.cat([qkv_b[: (hq + hkv) * d], b_v])
     group = hq // hkv
     o = o_w.reshape(o_w.shape[0], hq, d)
-    o_new = torch.einsum("ohd,hdr->ohr", o, r.repeat_interleave(group, 0)).reshape(o_w.shape[0], hq * rv)
+    om = r if o_map is None else o_map.to(qkv_w.dtype)
+    o_new = torch.einsum("ohd,hdr->ohr", o, om.repeat_interleave(group, 0)).reshape(o_w.shape[0], hq * rv)
     return torch.cat([q_rows, v_new]), b_new, o_new
 
 
 def set_layer(
-    attn: nn.Module, qkv_w: torch.Tensor, qkv_b: torch.Tensor | None, o_w: torch.Tensor, basis: torch.Tensor | None
+    attn: nn.Module,
+    qkv_w: torch.Tensor,
+    qkv_b: torch.Tensor | None,
+    o_w: torch.Tensor,
+    basis: torch.Tensor | None,
+    q_basis: torch.Tensor | None = None,
 ) -> None:
     """Installs compressed weights (replacing the Linear modules when shapes change) and the Q/K basis."""
     dtype = attn.o_proj.weight.dtype
@@ -205,6 +275,7 @@ def set_layer(
     attn.qkv_proj = _linear(qkv_w, qkv_b, dtype)
     attn.o_proj = _linear(o_w, None, dtype)
     attn.qk_basis = None if basis is None else basis.to(dtype).contiguous()
+    attn.q_basis = None if q_basis is None else q_basis.to(dtype).contiguous()
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
@@ -245,6 +316,8 @@ def save_compressed(model: LlamaForCausalLM, tokenizer: Any, plan: RankPlan, out
             else torch.eye(cfg.head_dim).expand(cfg.num_key_value_heads, -1, -1)
         )
         state[p + "self_attn.qk_basis"] = basis
+        if attn.q_basis is not None:
+            state[p + "self_attn.q_basis"] = attn.q_basis
         gate, up = layer.mlp.gate_up_proj.weight.split(cfg.intermediate_size)
         state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"] = gate, up
         state[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight
@@ -333,6 +406,11 @@ def load_compressed(path: str, dtype: torch.dtype) -> Any:
             if basis.shape != (hkv, d, plan.qk[i]):
                 raise ModelLoadError(f"qk_basis of layer {i} in {path} has shape {tuple(basis.shape)}")
             layer.self_attn.qk_basis = basis.to(dtype) if not _is_identity(basis) else None
+            q_basis = state.get(f"model.layers.{i}.self_attn.q_basis")
+            if q_basis is not None:
+                if q_basis.shape != basis.shape:
+                    raise ModelLoadError(f"q_basis of layer {i} in {path} has shape {tuple(q_basis.shape)}")
+                layer.self_attn.q_basis = q_basis.to(dtype)
     except (RuntimeError, KeyError) as exc:
         if isinstance(exc, ModelLoadError):
             raise
