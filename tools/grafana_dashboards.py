@@ -61,6 +61,11 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
             panel("KV cache usage", [q(f"max by (stage, instance) (vllm:kv_cache_usage_perc{{{M}, {S}}})", "{{stage}} {{instance}}")], "percentunit"),
             panel("Time to first token by stage (p99)", [q(f"histogram_quantile(0.99, sum by (le, stage) (rate(vllm:time_to_first_token_seconds_bucket{{{M}, {S}}}[{RI}])))", "{{stage}}")], "s"),
             panel("Inter-token latency at decode", quantiles("vllm:inter_token_latency_seconds", f"{M}, {S}"), "s"),
+            panel("Gateway fail-overs/s", [
+                q(f"sum(rate(stageserve_gateway_migrations_total{{{S}}}[{RI}]))", "decode migrations"),
+                q(f"sum(rate(stageserve_gateway_migrations_exhausted_total{{{S}}}[{RI}]))", "migrations exhausted"),
+                q(f"sum(rate(stageserve_gateway_throttler_fallback_admissions_total{{{S}}}[{RI}]))", "throttler fail-open admissions"),
+            ], "short"),
             panel("Stage latency (p99)", [q(f"histogram_quantile(0.99, sum by (le, stage) (rate(vllm:e2e_request_latency_seconds_bucket{{{M}, {S}}}[{RI}])))", "{{stage}}")], "s"),
         ],
     },

@@ -2,11 +2,12 @@
 
     # against a Prometheus that scrapes a running pipeline:
     python tools/render_panels.py --prometheus http://127.0.0.1:9090 --dashboard deploy/grafana/overview.json \\
-        --minutes 10 --out docs/img/overview.png
+        --minutes 10 --out 'docs/img/{name}.png'
 
     # or the whole loop on this machine: `stageserve up` on free ports, a Prometheus scraping it every second,
     # mixed traffic (two apps, several KV formats) for --minutes, then the PNG:
-    python tools/render_panels.py --demo --minutes 3 --out docs/img/overview.png
+    python tools/render_panels.py --demo --minutes 3 --dashboard deploy/grafana/overview.json \\
+        --dashboard deploy/grafana/kv-transfer.json
 
 Each panel's PromQL is the dashboard's own, with Grafana's variables replaced ($model_name, $stage: all;
 $__rate_interval: --rate-interval).
@@ -95,6 +96,12 @@ def render(
     print(f"wrote {out}")
 
 
+def render_all(prometheus: str, args: argparse.Namespace) -> None:
+    for dashboard in args.dashboard:
+        out = Path(args.out.format(name=dashboard.stem))
+        render(prometheus, dashboard, out, args.minutes, args.panel, args.rate_interval)
+
+
 # ---- --demo: a local pipeline, a Prometheus and traffic ------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -172,7 +179,7 @@ def demo(args: argparse.Namespace) -> None:
         print(f"pipeline up; prometheus {url}; sending traffic for {args.minutes} min", flush=True)
         _traffic(endpoints.openai_base_url, 60 * args.minutes)
         time.sleep(3)
-        render(url, args.dashboard, args.out, args.minutes, args.panel, args.rate_interval)
+        render_all(url, args)
     finally:
         if prometheus is not None:
             prometheus.terminate()
@@ -183,17 +190,18 @@ def demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prometheus", help="Prometheus base URL (not with --demo)")
-    parser.add_argument("--dashboard", type=Path, default=ROOT / "deploy/grafana/overview.json")
+    parser.add_argument("--dashboard", type=Path, action="append", help="dashboard JSON (repeat; default: overview)")
     parser.add_argument("--panel", action="append", help="panel title to render (repeat; default: all)")
     parser.add_argument("--minutes", type=float, default=5.0, help="time range (with --demo: traffic duration)")
     parser.add_argument("--rate-interval", default="30s", help="what $__rate_interval becomes")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/img/panels.png")
+    parser.add_argument("--out", default=str(ROOT / "docs/img/{name}.png"), help="PNG path; {name}: dashboard")
     parser.add_argument("--demo", action="store_true", help="start a local pipeline + Prometheus + traffic first")
     args = parser.parse_args(argv)
+    args.dashboard = args.dashboard or [ROOT / "deploy/grafana/overview.json"]
     if args.demo:
         demo(args)
     elif args.prometheus:
-        render(args.prometheus, args.dashboard, args.out, args.minutes, args.panel, args.rate_interval)
+        render_all(args.prometheus, args)
     else:
         parser.error("--prometheus URL or --demo is required")
 

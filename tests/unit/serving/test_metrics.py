@@ -105,3 +105,15 @@ def test_served_exposition_keeps_vllm_colons_even_when_openmetrics_is_asked(regi
         assert "\nvllm:generation_tokens_total{" in text and "vllm_generation" not in text
     finally:
         server.shutdown()
+
+
+def test_gateway_callback_counters_read_their_owner_at_scrape_time():
+    reg = metrics.CollectorRegistry()
+    metrics.enable("gateway", registry=reg)
+    state = {"n": 1}
+    metrics.bind_gateway_counters({"stageserve_gateway_migrations": lambda: state["n"]})
+    assert reg.get_sample_value("stageserve_gateway_migrations_total") == 1
+    state["n"] = 4
+    assert reg.get_sample_value("stageserve_gateway_migrations_total") == 4
+    with pytest.raises(KeyError):
+        metrics.bind_gateway_counters({"stageserve_gateway_made_up": lambda: 0})

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 __all__ = ["CONTENT_TYPE", "REGISTRY", "CollectorRegistry"]
 
@@ -138,6 +139,37 @@ GATEWAY_E2E = Histogram(
 )  # fmt: skip
 
 
+class CallbackCounters:
+    """Counters owned by another object (e.g. the gateway's migration stats), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def add(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.counters[name] = (documentation, read)
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        for name, (documentation, read) in self.counters.items():
+            family = CounterMetricFamily(name, documentation)
+            family.add_metric([], float(read()))
+            yield family
+
+
+GATEWAY_CALLBACKS = CallbackCounters()
+GATEWAY_COUNTERS = {
+    "stageserve_gateway_migrations": "Re-dispatches of a request to other replicas after a stage failed",
+    "stageserve_gateway_migrated_requests": "Requests that were migrated at least once",
+    "stageserve_gateway_migrations_exhausted": "Requests that failed after using up their migrations",
+    "stageserve_gateway_throttler_fallback_admissions": "Requests admitted locally while the throttler was down",
+}
+
+
+def bind_gateway_counters(reads: dict[str, Callable[[], float]]) -> None:
+    """``reads``: GATEWAY_COUNTERS name -> a function returning that counter's current total."""
+    for name, read in reads.items():
+        GATEWAY_CALLBACKS.add(name, GATEWAY_COUNTERS[name], read)
+
+
 GROUPS: dict[str, tuple[Any, ...]] = {
     "engine": (NUM_WAITING, NUM_RUNNING, KV_USAGE, PROMPT_TOKENS, GENERATION_TOKENS, TTFT, ITL, E2E),
     "kv_transfer": (KV_BYTES, KV_BF16_BYTES, KV_TOKENS, KV_SECONDS, KV_FAILURES),
@@ -145,7 +177,7 @@ GROUPS: dict[str, tuple[Any, ...]] = {
         THROTTLER_DECISIONS_TOTAL, THROTTLER_OVERLOADED, THROTTLER_SERVICE_GAP, THROTTLER_QUEUED, THROTTLED_INTERACTIONS
     ),
     "encoder": (ENCODER_PENDING, ENCODER_IMAGE_TOKENS, ENCODER_LATENCY),
-    "gateway": (GATEWAY_REQUESTS, GATEWAY_TTFT, GATEWAY_ITL, GATEWAY_E2E),
+    "gateway": (GATEWAY_REQUESTS, GATEWAY_TTFT, GATEWAY_ITL, GATEWAY_E2E, GATEWAY_CALLBACKS),
 }  # fmt: skip
 """Which metrics each kind of process exports (a stage exports only its own, never another stage's zeros)."""
 _enabled: weakref.WeakKeyDictionary[CollectorRegistry, set[str]] = weakref.WeakKeyDictionary()

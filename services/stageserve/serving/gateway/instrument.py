@@ -30,6 +30,16 @@ class InstrumentedBackend:
     def __init__(self, core: Any) -> None:
         self.core = core
         metrics.init_gateway(core.model_name)
+        metrics.bind_gateway_counters(
+            {
+                "stageserve_gateway_migrations": lambda: _stat(core, "migrator", "stats", "migrations"),
+                "stageserve_gateway_migrated_requests": lambda: _stat(core, "migrator", "stats", "migrated_requests"),
+                "stageserve_gateway_migrations_exhausted": lambda: _stat(core, "migrator", "stats", "exhausted"),
+                "stageserve_gateway_throttler_fallback_admissions": lambda: _stat(
+                    core, "fallback", "fallback_admissions"
+                ),
+            }
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.core, name)
@@ -72,6 +82,13 @@ class InstrumentedBackend:
                 )
 
         return tracing.traced_stream(self.core.generate(request), span, on_delta)
+
+
+def _stat(obj: Any, *path: str) -> float:
+    """A counter the core keeps (0 while that part of the gateway does not exist)."""
+    for name in path:
+        obj = getattr(obj, name, None)
+    return float(obj or 0)
 
 
 def grpc_interceptors(model_name: str) -> list[Any]:
