@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from stageserve.kvcodec.reference import roundtrip_page
 from stageserve.models.loader import LoadedModel
-from stageserve.models.zeroc import Bases, RankPlan, ZeroCModel, calibrate, save_compressed
+from stageserve.models.zeroc import METHODS, Bases, RankPlan, ZeroCModel, calibrate, save_compressed
 from stageserve.tools.eval_ppl import corpus_split_tokens, perplexity
 
 DEFAULT_DATA = "../shared/data/wikitext2/test.txt"
@@ -182,11 +182,12 @@ def compress(
     plan: RankPlan | None = None,
     min_rank: int = 16,
     budget_rel: float | None = None,
+    method: str = "paper",
 ) -> dict[str, Any]:
     """Calibrates, searches (unless ``plan`` is given) and writes the compressed directory; returns a summary."""
     t0 = time.time()
     calib = corpus_split_tokens(loaded.tokenizer, data, "calib", calib_tokens)
-    bases = calibrate(loaded.model, calib, window, progress=True)
+    bases = calibrate(loaded.model, calib, window, progress=True, method=method)
     zc = ZeroCModel(loaded.model, bases)
     slog = None
     if plan is None:
@@ -197,7 +198,13 @@ def compress(
     provenance = {
         "source_model": loaded.path,
         "source_name": loaded.name,
-        "calibration": {"data": data, "split": "calib (first half)", "tokens": calib_tokens, "window": window},
+        "calibration": {
+            "data": data,
+            "split": "calib (first half)",
+            "tokens": calib_tokens,
+            "window": window,
+            "method": method,
+        },
         "search": None
         if slog is None
         else {
@@ -249,6 +256,12 @@ def add_parser(sub: Any) -> None:
     z.add_argument("--min-rank", type=int, default=16)
     z.add_argument("--ranks", default=None, help="skip the search: uniform 'R_QK,R_V' (e.g. 48,64)")
     z.add_argument("--data", default=DEFAULT_DATA)
+    z.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="whitened",
+        help="paper: orthonormal SVD bases (arXiv 2408.04107 v1); whitened: best rank-r Q·Kᵀ and V·W_o [ours]",
+    )
     z.set_defaults(func=_compress_zeroc)
 
 
@@ -277,6 +290,7 @@ def _compress_zeroc(args: Any) -> int:
         plan,
         args.min_rank,
         args.budget_rel,
+        args.method,
     )
     print(json.dumps(summary, indent=2))
     return 0
