@@ -193,6 +193,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from stageserve.tools.bench_serve import add_bench_serve_parser
 
     add_bench_serve_parser(bsub)
+    from stageserve_kernels.bench.decode_bench import add_bench_kernels_parser
+
+    add_bench_kernels_parser(bsub)
     from stageserve.tools.bench_throttler import add_bench_throttler_parser
 
     add_bench_throttler_parser(bsub)

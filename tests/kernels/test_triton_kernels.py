@@ -4,8 +4,8 @@ Tolerances:
 * HACK kernel vs ``paged_decode_attention_torch``: the same INT8 q̃/p̃ algorithm, integer dots exact in both
   (FP16 MMA with FP32 accumulation of integers < 2^24 in the kernel). Differences are float32 order and the
   rounding rule (kernel: floor(x + ½), torch: half-to-even), so they can flip an INT8 code that sits on a .5
-  boundary; one flipped p̃ code moves an output by one INT8 step s_p·v′/l. Observed ≤ 1e-5; allowed 2e-3
-  max with 90 % of elements within 1e-4.
+  boundary; one flipped p̃ code moves an output by one INT8 step s_p·v′/l ≤ (v_scale/255)·(2^bv−1) ≈ 0.02
+  (see tests/kvcodec/test_paged.py). Allowed 1e-2 max with 90 % of elements within 1e-4.
 * Fused-dequant kernel vs ``dequant_decode_attention_torch``: the kernel rounds k̂, v̂, q and p to FP16
   (relative 2^-11 each) before its dots: ~1e-3 on outputs of size ~1; allowed 5e-3.
 * BF16 kernel vs float SDPA: q and p rounded to BF16 (2^-8 relative): observed ~5e-3; allowed 2e-2.
@@ -86,7 +86,7 @@ def test_hack_kernel_matches_torch_on_codes(fmt_name, page, group, pages, open_l
     c = _case(fmt, pages, open_lens, group, seed=page + group)
     got = hack_decode_attention(**c, pages_per_split=pps)
     assert got.shape == c["q"].shape and got.dtype == torch.float32
-    _close(got, paged_decode_attention_torch(**c), 2e-3, 1e-4)
+    _close(got, paged_decode_attention_torch(**c), 1e-2, 1e-4)
     dense = paged_decode_attention_torch(**c, int8=False)  # = dequantize-then-attend (exact identity)
     assert (got - dense).norm() / dense.norm() < 0.10 * math.sqrt(page / 128)
 
@@ -136,5 +136,5 @@ def test_compiled_kernels_on_gpu_llama_shape(fmt_name):
     """Compiled kernels at the Llama-3.1-8B head shape (32 q / 8 KV heads, d=128), 64 pages per sequence."""
     fmt = PageFormat(fmt_name, 8, 128, page_size=64)
     c = _case(fmt, [64, 17, 5], [10, 0, 63], 4, seed=11, device="cuda")
-    _close(hack_decode_attention(**c), paged_decode_attention_torch(**c), 2e-3, 1e-4)
+    _close(hack_decode_attention(**c), paged_decode_attention_torch(**c), 1e-2, 1e-4)
     _close(dequant_decode_attention(**c), dequant_decode_attention_torch(**c), 5e-3, 2e-3)

@@ -64,9 +64,8 @@ _WIRE_DTYPES = {"u8": torch.uint8, "u16": torch.uint16, "bf16": torch.bfloat16}
 
 def unpack_codes_nd(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., n_bytes] uint8 -> [..., n_bytes * 8/bits] uint8 codes (channel c in bits b*(c mod 8/b))."""
-    per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    per, top = 8 // bits, (1 << bits) - 1
+    codes = torch.stack([(packed >> (bits * i)) & top for i in range(per)], -1)  # scalar shifts: vectorized
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
@@ -314,37 +313,39 @@ def _page_mask(num_pages: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 def _codes_partial(q: torch.Tensor, f: dict[str, torch.Tensor], fmt: PageFormat, scale: float, int8: bool) -> _Partial:
-    """Attention state of each page computed on the codes: q [B, H, G, d], fields [B, P, H, ...]."""
-    b, p_count, h = f["k_scale"].shape[:3]
+    """Attention state of each page computed on the codes: q [B, H, G, d], fields [B, P, H, ...].
+
+    One matmul per channel chunk (a python loop over d/p ≤ 4 chunks), batched over sequences, pages and heads;
+    the code tiles are sliced, not copied, so the matmuls read them in place."""
     d, pc = fmt.head_dim, fmt.v_chunk
-    gc = d // pc
+    chunks = [slice(c * pc, (c + 1) * pc) for c in range(d // pc)]
     kc = unpack_codes_nd(f["k_codes"], fmt.bits_k).float()  # [B, P, H, Π, d]
     vc = unpack_codes_nd(f["v_codes"], fmt.bits_v).float()
     qs = q.unsqueeze(1) * scale  # [B, 1, H, G, d]
     q_t = qs * f["k_scale"].float().unsqueeze(3)  # scale folding: [B, P, H, G, d]
-    beta = (qs * f["k_min"].float().unsqueeze(3)).sum(-1)  # [B, P, H, G]
-    if int8:
-        qq, s_q, m_q = _int8_quantize(q_t.reshape(*q_t.shape[:-1], gc, pc), dim=-1)  # [B,P,H,G,g,p]
-        dots = torch.einsum("bphGgc,bphngc->bphGng", qq, kc.reshape(*kc.shape[:-1], gc, pc))
-        s = (dots * s_q.squeeze(-1).unsqueeze(-2)).sum(-1)
-        s = s + torch.einsum("bphGg,bphng->bphGn", m_q.squeeze(-1), f["k_sums"].float())
-    else:
-        s = torch.einsum("bphGd,bphnd->bphGn", q_t, kc)
-    s = s + beta.unsqueeze(-1)  # [B, P, H, G, Π]
-    v_scale, v_min = f["v_scale"].float(), f["v_min"].float()  # [B, P, H, Π, g]
-
-    def pv(p: torch.Tensor) -> torch.Tensor:  # p [B, P, H, G, Π]
-        mins = torch.einsum("bphGn,bphng->bphGg", p, v_min)
-        p_t = p.unsqueeze(-1) * v_scale.unsqueeze(3)  # [B, P, H, G, Π, g]
-        vg = vc.reshape(*vc.shape[:-1], gc, pc)  # [B, P, H, Π, g, p]
+    s = (qs * f["k_min"].float().unsqueeze(3)).sum(-1, keepdim=True)  # β = q·k_min: [B, P, H, G, 1]
+    k_sums = f["k_sums"].float()  # [B, P, H, Π, g]
+    for c, sl in enumerate(chunks):
         if int8:
-            pq, s_p, m_p = _int8_quantize(p_t, dim=-2)  # per chunk over the page's tokens
-            dots = torch.einsum("bphGng,bphngc->bphGgc", pq, vg)
-            sums = f["v_sums"].float().reshape(b, p_count, h, 1, gc, pc)
-            out = s_p.squeeze(-2).unsqueeze(-1) * dots + m_p.squeeze(-2).unsqueeze(-1) * sums
+            q_codes, s_q, m_q = _int8_quantize(q_t[..., sl], dim=-1)  # per query head and chunk
+            dots = q_codes @ kc[..., sl].transpose(-1, -2)  # integer products: [B, P, H, G, Π]
+            s = s + s_q * dots + m_q * k_sums[..., c].unsqueeze(-2)
         else:
-            out = torch.einsum("bphGng,bphngc->bphGgc", p_t, vg)
-        return (out + mins.unsqueeze(-1)).reshape(*p.shape[:-1], d)
+            s = s + q_t[..., sl] @ kc[..., sl].transpose(-1, -2)
+    v_scale, v_min, v_sums = f["v_scale"].float(), f["v_min"].float(), f["v_sums"].float()
+
+    def pv(p: torch.Tensor) -> torch.Tensor:  # p [B, P, H, G, Π] -> [B, P, H, G, d]
+        outs = []
+        for c, sl in enumerate(chunks):
+            p_t = p * v_scale[..., c].unsqueeze(-2)  # scale folding: [B, P, H, G, Π]
+            mins = (p * v_min[..., c].unsqueeze(-2)).sum(-1, keepdim=True)
+            if int8:
+                p_codes, s_p, m_p = _int8_quantize(p_t, dim=-1)  # per chunk over the page's tokens
+                out = s_p * (p_codes @ vc[..., sl]) + m_p * v_sums[..., sl].unsqueeze(-2)
+            else:
+                out = p_t @ vc[..., sl]
+            outs.append(out + mins)
+        return torch.cat(outs, -1)
 
     return _softmax_partial(s, pv)
 

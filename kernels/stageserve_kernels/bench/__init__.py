@@ -1,0 +1,1 @@
+"""Kernel benchmarks (``stageserve bench kernels``); see ``decode_bench``."""
