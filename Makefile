@@ -19,8 +19,8 @@ test: install lint
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check services tests
-	$(VENV)/bin/mypy services/stageserve/core services/stageserve/policy services/stageserve/kvcodec/format.py services/stageserve/kvcodec/report.py
+	$(VENV)/bin/ruff check services operators tests
+	$(VENV)/bin/mypy services/stageserve/core services/stageserve/policy services/stageserve/kvcodec/format.py services/stageserve/kvcodec/report.py operators/stageserve_operator/policy
 	$(VENV)/bin/lint-imports
 
 protos: install
