@@ -23,12 +23,12 @@ def q(expr: str, legend: str = "") -> dict[str, Any]:
     return {"expr": expr, "legendFormat": legend}
 
 
-def quantiles(metric: str, sel: str, by: str = "") -> list[dict[str, Any]]:
+def quantiles(metric: str, sel: str, by: str = "", ps: tuple[float, ...] = (0.5, 0.9, 0.99)) -> list[dict[str, Any]]:
     group = f"le{', ' + by if by else ''}"
     prefix = f"{{{{{by}}}}} " if by else ""
     return [
         q(f"histogram_quantile({p}, sum by ({group}) (rate({metric}_bucket{{{sel}}}[{RI}])))", f"{prefix}p{int(p * 100)}")
-        for p in (0.5, 0.9, 0.99)
+        for p in ps
     ]
 
 
@@ -75,7 +75,8 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
             panel("KV bytes/s by format", [q(f"sum by (format) (rate(stageserve_kv_transfer_bytes_total{{{S}}}[{RI}]))", "{{format}}")], "Bps"),
             panel("Compression ratio vs bf16", [q(f"sum by (format) (rate(stageserve_kv_transfer_bf16_bytes_total{{{S}}}[{RI}])) / sum by (format) (rate(stageserve_kv_transfer_bytes_total{{{S}}}[{RI}]))", "{{format}}")], "short"),
             panel("Bytes per token by format", [q(f"sum by (format) (rate(stageserve_kv_transfer_bytes_total{{{S}}}[{RI}])) / sum by (format) (rate(stageserve_kv_transfer_tokens_total{{{S}}}[{RI}]))", "{{format}}")], "decbytes"),
-            panel("KV transfer latency", quantiles("stageserve_kv_transfer_seconds", S, "format"), "s"),
+            panel("KV transfer time (push, overlaps prefill)", quantiles("stageserve_kv_transfer_seconds", S, "format", (0.5, 0.99)), "s"),
+            panel("KV transfer time exposed after prefill", quantiles("stageserve_kv_transfer_exposed_seconds", S, "format", (0.5, 0.99)), "s"),
             panel("KV transfer failures/s by reason", [q(f"sum by (reason) (rate(stageserve_kv_transfer_failures_total{{{S}}}[{RI}]))", "{{reason}}")], "short"),
         ],
     },

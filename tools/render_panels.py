@@ -78,6 +78,8 @@ def render(
             for series in query_range(prometheus, substitute(target["expr"], rate_interval), start, end, step):
                 ts = [float(t) - start for t, _ in series["values"]]
                 vs = [float(v) for _, v in series["values"]]
+                if all(v != v for v in vs):  # only NaN (e.g. a quantile of a format that carried no traffic)
+                    continue
                 ax.plot(ts, vs, label=legend(target.get("legendFormat", ""), series["metric"]), linewidth=1.3)
         unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
         ax.set_title(panel["title"], fontsize=10)

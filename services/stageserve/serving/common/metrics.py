@@ -33,7 +33,7 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                40.0, 80.0)  # fmt: skip
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
-TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ENCODER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 KV_FAILURE_REASONS = ("checksum", "resend", "not_committed", "rpc_error")
@@ -86,7 +86,14 @@ KV_TOKENS = Counter(
 )
 KV_SECONDS = Histogram(
     "stageserve_kv_transfer_seconds",
-    "KV push duration, first frame to commit",
+    "KV push duration, first frame to commit (layer-wise: overlaps the prefill forward pass)",
+    ["format"],
+    buckets=TRANSFER_BUCKETS,
+    registry=None,
+)
+KV_EXPOSED_SECONDS = Histogram(
+    "stageserve_kv_transfer_exposed_seconds",
+    "KV transfer time not hidden behind prefill compute (forward pass end to commit)",
     ["format"],
     buckets=TRANSFER_BUCKETS,
     registry=None,
@@ -172,7 +179,7 @@ def bind_gateway_counters(reads: dict[str, Callable[[], float]]) -> None:
 
 GROUPS: dict[str, tuple[Any, ...]] = {
     "engine": (NUM_WAITING, NUM_RUNNING, KV_USAGE, PROMPT_TOKENS, GENERATION_TOKENS, TTFT, ITL, E2E),
-    "kv_transfer": (KV_BYTES, KV_BF16_BYTES, KV_TOKENS, KV_SECONDS, KV_FAILURES),
+    "kv_transfer": (KV_BYTES, KV_BF16_BYTES, KV_TOKENS, KV_SECONDS, KV_EXPOSED_SECONDS, KV_FAILURES),
     "throttler": (
         THROTTLER_DECISIONS_TOTAL, THROTTLER_OVERLOADED, THROTTLER_SERVICE_GAP, THROTTLER_QUEUED, THROTTLED_INTERACTIONS
     ),
@@ -293,13 +300,16 @@ def count_generation_tokens(model_name: str, n: int) -> None:
 def init_kv_transfer(formats: Iterable[str]) -> None:
     """Creates every KV transfer series at zero, so rules and panels see them before the first failure."""
     for fmt in formats:
-        for metric in (KV_BYTES, KV_BF16_BYTES, KV_TOKENS, KV_SECONDS):
+        for metric in (KV_BYTES, KV_BF16_BYTES, KV_TOKENS, KV_SECONDS, KV_EXPOSED_SECONDS):
             metric.labels(format=fmt)
     for reason in KV_FAILURE_REASONS:
         KV_FAILURES.labels(reason=reason)
 
 
-def record_kv_transfer(fmt: str, payload_bytes: int, bf16_bytes: int, tokens: int, seconds: float) -> None:
+def record_kv_transfer(
+    fmt: str, payload_bytes: int, bf16_bytes: int, tokens: int, seconds: float, exposed_seconds: float = 0.0
+) -> None:
+    KV_EXPOSED_SECONDS.labels(format=fmt).observe(exposed_seconds)
     KV_BYTES.labels(format=fmt).inc(payload_bytes)
     KV_BF16_BYTES.labels(format=fmt).inc(bf16_bytes)
     KV_TOKENS.labels(format=fmt).inc(tokens)

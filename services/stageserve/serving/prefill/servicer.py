@@ -110,7 +110,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         tracing.set_attributes({"gen_ai.usage.input_tokens": len(ids), "stageserve.cached_tokens": cached})
         if response.committed:
             bf16 = 2 * 2 * len(ids) * framer_bf16_token_bytes(self.engine)
-            metrics.record_kv_transfer(fmt.format, kv_bytes, bf16, len(ids), done - started)
+            metrics.record_kv_transfer(fmt.format, kv_bytes, bf16, len(ids), done - started, done - forward_end)
         else:
             metrics.kv_transfer_failed("not_committed")
         if not response.committed:
