@@ -49,8 +49,13 @@ def run_operator(args: argparse.Namespace) -> int:
 
         import stageserve_operator.handlers  # noqa: F401  (registers the handlers)
 
-        kopf.run(standalone=True, namespaces=[args.namespace] if args.namespace else [],
-                 clusterwide=not args.namespace, liveness_endpoint=args.liveness)
+        try:
+            kopf.run(standalone=True, namespaces=[args.namespace] if args.namespace else [],
+                     clusterwide=not args.namespace, liveness_endpoint=args.liveness)
+        except kopf.LoginError as exc:
+            print(f"stageserve operator: no Kubernetes credentials (in-cluster or kubeconfig): {exc}", file=sys.stderr)
+            print("  (run `stageserve operator --local` to drive processes on this machine)", file=sys.stderr)
+            return 2
         return 0
     return _run_local(args)
 
