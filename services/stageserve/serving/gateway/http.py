@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from stageserve.core.sampling import SamplingParams
+from stageserve.models.multimodal import IMAGE_MARKER
 from stageserve.serving.common.errors import BadRequest, ModelNotFound, StageServeError, classify
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ CALL_INDEX_HEADER = "x-stageserve-call-index"
 KV_FORMAT_HEADER = "x-stageserve-kv-format"
 DEFAULT_USER = "anonymous"
 DEFAULT_APP = "default"
-IMAGES_UNSUPPORTED = "images are not supported by this deployment yet"
+IMAGES_UNSUPPORTED = "images are not supported by this deployment yet"  # backends without read_image_url
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI legacy completions default; chat defaults to the rest of the context
 _IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
 
@@ -62,6 +63,8 @@ class HttpGenerateRequest:
     tenant: TenantHeaders
     kv_format: str | None = None  # x-stageserve-kv-format: override the negotiated KV format (benchmarks)
     system_tokens: int = 0  # prompt tokens from system/developer messages (fairness accounting)
+    images: tuple[bytes, ...] = ()  # encoded image files, in prompt order (encoder stage)
+    image_positions: tuple[int, ...] = ()  # prompt position of each image's first placeholder token
 
 
 @dataclass
@@ -97,10 +100,17 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
+class ImageURL(BaseModel):
+    model_config = _STRICT
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(BaseModel):
     model_config = _STRICT
     type: str
     text: str | None = None
+    image_url: ImageURL | str | None = None  # image parts: a base64 data: URL (http(s) only when enabled)
 
 
 class ChatMessage(BaseModel):
@@ -225,8 +235,9 @@ def _message_text(message: ChatMessage, index: int) -> str:
         return message.content or ""
     texts = []
     for part in message.content:
-        if part.type in _IMAGE_PART_TYPES:
-            raise BadRequest(IMAGES_UNSUPPORTED, field=f"messages.{index}.content")
+        if part.type in _IMAGE_PART_TYPES:  # its bytes were read by _chat_images, in this same order
+            texts.append(IMAGE_MARKER)
+            continue
         if part.type != "text" or part.text is None:
             raise BadRequest(f"unsupported content part of type {part.type!r}", field=f"messages.{index}.content")
         texts.append(part.text)
@@ -497,16 +508,53 @@ def _system_tokens(backend: GenerateBackend, body: ChatCompletionBody) -> int:
     return sum(len(backend.tokenize_prompt(t)) for t in texts if t)
 
 
+async def _chat_images(backend: GenerateBackend, body: SamplingBody) -> list[bytes]:
+    """The bytes of every image part of a chat, in prompt order (data: URLs; remote ones when enabled)."""
+    if not isinstance(body, ChatCompletionBody):
+        return []
+    images = []
+    for i, m in enumerate(body.messages):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type not in _IMAGE_PART_TYPES:
+                continue
+            if not hasattr(backend, "read_image_url"):
+                raise BadRequest(IMAGES_UNSUPPORTED, field=f"messages.{i}.content")
+            url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+            field = f"messages.{i}.content.{j}.image_url"
+            if not url:
+                raise BadRequest(f"{field}: an image part needs image_url.url", field=field)
+            images.append(await backend.read_image_url(url, field))  # type: ignore[attr-defined]
+    return images
+
+
+def _chat_prompt_images(
+    backend: GenerateBackend, body: ChatCompletionBody, images: list[bytes]
+) -> tuple[list[int], list[int]]:
+    messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(body.messages)]
+    return backend.tokenize_chat_images(messages, images)  # type: ignore[attr-defined,no-any-return]
+
+
 def _prepare(
-    backend: GenerateBackend, ep: _Endpoint, body: SamplingBody, tenant: TenantHeaders
+    backend: GenerateBackend,
+    ep: _Endpoint,
+    body: SamplingBody,
+    tenant: TenantHeaders,
+    images: list[bytes] | None = None,
 ) -> tuple[HttpGenerateRequest, _Call]:
     _check_supported(backend, body)
-    prompt_ids = ep.prompt_ids(backend, body)
+    positions: list[int] = []
+    if images:
+        prompt_ids, positions = _chat_prompt_images(backend, body, images)  # type: ignore[arg-type]
+    else:
+        prompt_ids = ep.prompt_ids(backend, body)
     params = _sampling_params(body, len(prompt_ids), backend.max_context, ep)
     request_id = f"{ep.id_prefix}{uuid.uuid4().hex}"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     call = _Call(request_id, int(time.time()), backend.model_name, len(prompt_ids), include_usage)
-    return HttpGenerateRequest(request_id, prompt_ids, params, tenant), call
+    request = HttpGenerateRequest(
+        request_id, prompt_ids, params, tenant, images=tuple(images or ()), image_positions=tuple(positions)
+    )
+    return request, call
 
 
 async def _serve(request: Request, backend: GenerateBackend, ep: _Endpoint) -> Response:
@@ -518,7 +566,7 @@ async def _serve(request: Request, backend: GenerateBackend, ep: _Endpoint) -> R
         keys = getattr(backend, "api_keys", None)  # gateway/identity.py: per-tenant API keys, when configured
         if keys:
             tenant = keys.authorize(tenant, request.headers, request.headers.get("authorization"))
-        generate_request, call = _prepare(backend, ep, body, tenant)
+        generate_request, call = _prepare(backend, ep, body, tenant, await _chat_images(backend, body))
         if isinstance(body, ChatCompletionBody):
             generate_request = dataclasses.replace(generate_request, system_tokens=_system_tokens(backend, body))
         kv_format = request.headers.get(KV_FORMAT_HEADER)
