@@ -87,9 +87,10 @@ DASHBOARDS: dict[str, dict[str, Any]] = {
             panel("Decisions/s by app", [q(f"sum by (app, decision) (rate(stageserve_throttler_decisions_total[{RI}]))", "{{app}} {{decision}}")], "reqps"),
             panel("Service gap (max counter gap among backlogged users)", [q("max(stageserve_throttler_service_gap_tokens)", "gap")], "short"),
             panel("Throttled interactions/s", [q(f"sum by (app) (rate(stageserve_throttler_throttled_interactions_total[{RI}]))", "{{app}}")], "short"),
-            panel("Overloaded / queued", [
+            panel("Overloaded / queued / Redis degraded", [
                 q("max(stageserve_throttler_overloaded)", "overloaded"),
                 q("sum(stageserve_throttler_queued_requests)", "queued"),
+                q("max(stageserve_throttler_redis_degraded)", "redis degraded"),
             ], "short"),
         ],
     },

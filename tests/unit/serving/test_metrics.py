@@ -117,3 +117,18 @@ def test_gateway_callback_counters_read_their_owner_at_scrape_time():
     assert reg.get_sample_value("stageserve_gateway_migrations_total") == 4
     with pytest.raises(KeyError):
         metrics.bind_gateway_counters({"stageserve_gateway_made_up": lambda: 0})
+
+
+def test_bind_throttler_reads_state_at_scrape_time_and_returns_the_listener(registry):
+    state = {"overloaded": False, "gap": 12.5, "queued": 3}
+    listener = metrics.bind_throttler(lambda: state["overloaded"], lambda: state["gap"], lambda: state["queued"])
+    get = registry.get_sample_value
+    assert (get("stageserve_throttler_overloaded"), get("stageserve_throttler_service_gap_tokens")) == (0, 12.5)
+    assert get("stageserve_throttler_queued_requests") == 3
+    state["overloaded"] = True
+    assert get("stageserve_throttler_overloaded") == 1
+    app = metrics.APP_LABEL("bound-app")
+    listener("rejected", "bound-app", "interaction-x")
+    listener("admitted", "bound-app")  # the two-argument form the servicer may use
+    assert get("stageserve_throttler_decisions_total", {"decision": "rejected", "app": app}) >= 1
+    assert get("stageserve_throttler_throttled_interactions_total", {"app": app}) >= 1

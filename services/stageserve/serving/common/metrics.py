@@ -111,6 +111,11 @@ THROTTLER_SERVICE_GAP = Gauge(
     "stageserve_throttler_service_gap_tokens", "Max weighted-token counter gap among backlogged users", registry=None
 )
 THROTTLER_QUEUED = Gauge("stageserve_throttler_queued_requests", "Requests waiting for admission", registry=None)
+THROTTLER_REDIS_DEGRADED = Gauge(
+    "stageserve_throttler_redis_degraded",
+    "1 while the shared Redis state is unreachable (local decisions)",
+    registry=None,
+)
 THROTTLED_INTERACTIONS = Counter(
     "stageserve_throttler_throttled_interactions",
     "Interactions with at least one delayed or rejected call",
@@ -181,7 +186,8 @@ GROUPS: dict[str, tuple[Any, ...]] = {
     "engine": (NUM_WAITING, NUM_RUNNING, KV_USAGE, PROMPT_TOKENS, GENERATION_TOKENS, TTFT, ITL, E2E),
     "kv_transfer": (KV_BYTES, KV_BF16_BYTES, KV_TOKENS, KV_SECONDS, KV_EXPOSED_SECONDS, KV_FAILURES),
     "throttler": (
-        THROTTLER_DECISIONS_TOTAL, THROTTLER_OVERLOADED, THROTTLER_SERVICE_GAP, THROTTLER_QUEUED, THROTTLED_INTERACTIONS
+        THROTTLER_DECISIONS_TOTAL, THROTTLER_OVERLOADED, THROTTLER_SERVICE_GAP, THROTTLER_QUEUED,
+        THROTTLED_INTERACTIONS, THROTTLER_REDIS_DEGRADED,
     ),
     "encoder": (ENCODER_PENDING, ENCODER_IMAGE_TOKENS, ENCODER_LATENCY),
     "gateway": (GATEWAY_REQUESTS, GATEWAY_TTFT, GATEWAY_ITL, GATEWAY_E2E, GATEWAY_CALLBACKS),
@@ -330,6 +336,7 @@ def init_throttler(apps: Iterable[str] = ("default",)) -> None:
     THROTTLER_OVERLOADED.set(0)
     THROTTLER_SERVICE_GAP.set(0)
     THROTTLER_QUEUED.set(0)
+    THROTTLER_REDIS_DEGRADED.set(0)
 
 
 class ThrottleRecorder:
@@ -349,6 +356,21 @@ class ThrottleRecorder:
             if len(self._throttled) > self._remember:
                 self._throttled.pop(next(iter(self._throttled)))
             THROTTLED_INTERACTIONS.labels(app=label).inc()
+
+
+def bind_throttler(
+    overloaded: Callable[[], bool],
+    service_gap_tokens: Callable[[], float],
+    queued: Callable[[], int],
+    redis_degraded: Callable[[], bool] = lambda: False,
+) -> Callable[..., None]:
+    """Makes the throttler gauges read its state at scrape time; returns the decision listener to register
+    (``listener(decision, app, interaction_id="")``)."""
+    THROTTLER_OVERLOADED.set_function(lambda: 1.0 if overloaded() else 0.0)
+    THROTTLER_SERVICE_GAP.set_function(lambda: float(service_gap_tokens()))
+    THROTTLER_QUEUED.set_function(lambda: float(queued()))
+    THROTTLER_REDIS_DEGRADED.set_function(lambda: 1.0 if redis_degraded() else 0.0)
+    return ThrottleRecorder().decision
 
 
 def set_throttler_state(overloaded: bool, service_gap_tokens: float, queued: int) -> None:

@@ -48,3 +48,15 @@ def start(
     if port is not None:
         metrics.serve(port, config.host)
         log.info("metrics on http://%s:%d/metrics", config.host, port)
+
+
+def watch_throttler(servicer: Any) -> None:
+    """Exports the throttler servicer's state through its metric hooks (``overloaded``, ``service_gap_tokens()``,
+    ``redis_degraded``, ``throttle.queued``) and counts its decisions (``decision_listeners``)."""
+    listener = metrics.bind_throttler(
+        lambda: servicer.overloaded,
+        servicer.service_gap_tokens,
+        lambda: len(servicer.throttle.queued),
+        lambda: servicer.redis_degraded,
+    )
+    servicer.decision_listeners.append(listener)
