@@ -138,3 +138,19 @@ def test_compiled_kernels_on_gpu_llama_shape(fmt_name):
     c = _case(fmt, [64, 17, 5], [10, 0, 63], 4, seed=11, device="cuda")
     _close(hack_decode_attention(**c), paged_decode_attention_torch(**c), 1e-2, 1e-4)
     _close(dequant_decode_attention(**c), dequant_decode_attention_torch(**c), 5e-3, 2e-3)
+
+
+def test_bench_runs_every_implementation_on_the_same_values():
+    """The kernel benchmark's cases: the Triton rows (interpreted on CPU) and the torch rows agree at the
+    Llama-3.1-8B head shape (32 q / 8 KV heads, d=128, Π=64) on a 200-token sequence (3 pages + 4 sinks +
+    4 open rows); tolerances as above, plus BF16 rounding of the stored values for the bf16/fp8 rows."""
+    from stageserve_kernels.bench.decode_bench import _cpu_impls, _gpu_impls, _make_case
+
+    case = _make_case(PageFormat("hack2", 8, 128), 1, 200, 32, DEVICE)
+    cpu = {name: fn() for name, (fn, _) in _cpu_impls(case).items()}
+    gpu = {name: fn() for name, (fn, _) in _gpu_impls(case).items()}
+    _close(gpu["hack triton"], cpu["hack torch"], 1e-2, 1e-4)
+    _close(gpu["dequant triton"], cpu["dequant torch"], 5e-3, 2e-3)
+    _close(gpu["bf16 triton"], cpu["bf16 sdpa"], 2e-2, 1e-2)
+    _close(cpu["dequant+sdpa"], cpu["dequant torch"], 1e-5, 1e-5)
+    _close(cpu["bf16 sdpa"], cpu["dequant torch"], 2e-2, 1e-2)  # bf16 pages hold the dequantized values

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 MODELS = {"8b": (32, 8, 128), "70b": (64, 8, 128)}  # (q heads, KV heads, head_dim)
+CPU_MEMORY_CAP = 6 * 2**30  # skip CPU cases whose torch baselines would need more float K/V than this
 GPU_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "A6000": 0.768e12, "L4": 0.3e12}
 
 
@@ -93,6 +94,10 @@ def run_cli(args: argparse.Namespace) -> int:
     for model in models:
         for b in batches:
             for t in lens:
+                need = 2 * b * t * MODELS[model][0] * MODELS[model][2] * 4  # SDPA's GQA-expanded float K and V
+                if not gpu and need > CPU_MEMORY_CAP:
+                    print(f"{model:>4} B={b:<3} T={t:<7} skipped: ~{need / 2**30:.1f} GiB of float K/V", flush=True)
+                    continue
                 rows += bench_case(device, dev_name, model, b, t, args.format, args.page_size, args.iters, bandwidth)
                 for r in rows[-_impl_count(gpu) :]:
                     print(_fmt(r), flush=True)
