@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -27,6 +27,10 @@ def add_operator_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--prometheus-port", type=int, default=9090, help="local: port of the Prometheus it starts")
     p.add_argument("--tick", type=float, default=5.0, help="local: seconds between observe/plan/act rounds")
     p.add_argument("--status-file", default=None, help="local: write the status JSON here after every round")
+    p.add_argument("--stages", default=None, help="local: run only these stages, e.g. prefill,decode (default: all)")
+    p.add_argument("--stage-command", default=None, metavar="TEMPLATE",
+                   help="local: argv of one replica with {stage} {config} {replica} placeholders "
+                        "(default: python -m stageserve.serving.{stage} --config {config} --replica {replica})")
     p.set_defaults(func=run_operator)
     return p
 
@@ -62,35 +66,31 @@ def run_operator(args: argparse.Namespace) -> int:
 
 def _run_local(args: argparse.Namespace) -> int:
     from stageserve_operator.adapters.prometheus import Prometheus
-    from stageserve_operator.local import LocalOperator, LocalStack, load_resource, prometheus_config
-    from stageserve_operator.spec import parse_spec
+    from stageserve_operator.local import LocalOperator, LocalStack, load_resource
+    from stageserve_operator.spec import STAGE_NAMES, parse_spec
 
-    if args.resource:
-        _, spec = load_resource(args.resource)
-    else:
-        spec = parse_spec(yaml.safe_load(DEFAULT_RESOURCE)["spec"])
+    spec = load_resource(args.resource)[1] if args.resource else parse_spec(yaml.safe_load(DEFAULT_RESOURCE)["spec"])
     config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGE_NAMES
+    unknown = set(stages) - set(STAGE_NAMES)
+    if unknown:
+        raise ValueError(f"--stages: unknown stage {sorted(unknown)[0]!r} (stages: {', '.join(STAGE_NAMES)})")
+    command = _command_factory(args.stage_command)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     workdir = tempfile.mkdtemp(prefix="stageserve-operator-")
     targets = os.path.join(workdir, "targets.json")
     Path(targets).write_text("[]")
     prom_proc = None
-    url = args.prometheus
-    if url is None:
-        cfg = os.path.join(workdir, "prometheus.yml")
-        Path(cfg).write_text(prometheus_config(targets))
-        prom_proc = subprocess.Popen(
-            [shutil.which("prometheus") or "/usr/bin/prometheus", f"--config.file={cfg}",
-             f"--storage.tsdb.path={workdir}/tsdb", f"--web.listen-address=127.0.0.1:{args.prometheus_port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        url = f"http://127.0.0.1:{args.prometheus_port}"
-        print(f"[operator] started Prometheus on {url} (scraping {targets})", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stack = LocalStack(config, spec, targets)
-    op = LocalOperator(spec, stack, Prometheus(url), status_file=args.status_file)
     try:
-        op.run(args.tick, stop)
+        url = args.prometheus
+        if url is None:
+            prom_proc = _start_prometheus(workdir, targets, args.prometheus_port)
+            url = f"http://127.0.0.1:{args.prometheus_port}"
+            print(f"[operator] started Prometheus on {url} (scraping {targets})", flush=True)
+        stack = LocalStack(config, spec, targets, command=command)
+        LocalOperator(spec, stack, Prometheus(url), stages=stages, status_file=args.status_file).run(args.tick, stop)
     finally:
         if prom_proc is not None:
             prom_proc.terminate()
@@ -98,7 +98,30 @@ def _run_local(args: argparse.Namespace) -> int:
                 prom_proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 prom_proc.kill()
+                prom_proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
-        time.sleep(0)
     print("[operator] stopped", file=sys.stderr)
     return 0
+
+
+def _command_factory(template_text: str | None):  # noqa: ANN202
+    if not template_text:
+        return None
+    template = shlex.split(template_text)
+
+    def command(stage: str, replica: int, config_path: str) -> list[str]:
+        return [part.format(stage=stage, config=config_path, replica=replica) for part in template]
+
+    return command
+
+
+def _start_prometheus(workdir: str, targets: str, port: int) -> subprocess.Popen:
+    from stageserve_operator.local import prometheus_config
+
+    cfg = os.path.join(workdir, "prometheus.yml")
+    Path(cfg).write_text(prometheus_config(targets))
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+    return subprocess.Popen(
+        [binary, f"--config.file={cfg}", f"--storage.tsdb.path={workdir}/tsdb",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
