@@ -248,3 +248,22 @@ def test_store_rejects_bad_writes():
         store.write_page(0, 0, torch.zeros(63, 2, 64), torch.zeros(63, 2, 64))
     with pytest.raises(ValueError, match="page_ids"):
         store.write_page(0, 2, torch.zeros(64, 2, 64), torch.zeros(64, 2, 64))
+
+
+def test_chunked_prefill_rows_over_cached_pages_are_causal():
+    """A prefill chunk of n tokens over 3 cached pages: one row per query token, the same page table, the
+    chunk's rows as open rows with causal counts; equals causal float attention over the dequantized pages
+    (int8=False: exact identity, 1e-5)."""
+    fmt = PageFormat("hack-k4v2", 2, 64, page_size=32)
+    c = _case(fmt, 1, [3], [12], group=2, seed=5)
+    n = 12
+    rep = {k: c[k].expand(n, *c[k].shape[1:]) for k in ("page_tables", "sinks_k", "sinks_v", "open_k", "open_v")}
+    q = torch.randn(n, 4, 64, generator=torch.Generator().manual_seed(6))
+    rows = dict(c, **rep, q=q, num_pages=c["num_pages"].expand(n), sink_lens=c["sink_lens"].expand(n))
+    rows["open_lens"] = torch.arange(1, n + 1)
+    got = paged_decode_attention_torch(**rows, int8=False)
+    for i in range(n):
+        one = dict(rows, q=q[i : i + 1], open_lens=torch.tensor([i + 1]))
+        one.update({k: v[:1] for k, v in rep.items()}, num_pages=c["num_pages"], sink_lens=c["sink_lens"])
+        torch.testing.assert_close(got[i : i + 1], _dequant_then_attend(one), atol=1e-5, rtol=0)
+    assert not torch.allclose(got[0], got[-1])  # later rows see more of the chunk

@@ -438,6 +438,10 @@ def paged_decode_attention_torch(
     rows: open block, restored wire tail); ``scale`` defaults to 1/√d. ``int8=False`` keeps q̃ and p̃ in
     float (then it equals dequantize-then-attend up to float rounding). Pages are processed
     ``pages_per_chunk`` at a time (bounds memory; each page is its own split either way).
+
+    Chunked prefill over cached pages uses the same call with one row per query token: repeat the sequence's
+    page table and sinks per row, pass the chunk's BF16 rows (after any open-block rows) as ``open_k/v``,
+    and give row i ``open_lens[i]`` = the rows it may see (causal). ``tests/kvcodec/test_paged.py`` checks it.
     """
 
     def fn(qg, f, fmt, sc):
