@@ -16,6 +16,13 @@ and every partial sum (≤ 255·15·128 < 2^24) is exact in FP32, so they equal 
 Cost per decode step and KV head (T tokens in pages, G query heads, d, bits b): bytes ≈ T·(2·d·b/8 +
 4·d/Π + 5·d/p + ...) = ``PageFormat.layer_page_bytes``/Π per token (the roofline input), FLOPs ≈ 4·G·T·d
 per chunk pass (QK and PV; this kernel issues d/p chunk passes of the full width, so 4·G·T·d·(d/p)).
+
+Known costs, not yet measured on a GPU (none was available): (1) each chunk's dots run over the full width
+with the other chunks' columns masked, so MMA work is ×(d/p) (×2 at d=128, Π=64); (2) the query tile is
+padded to 16 rows (G=4 for Llama-8B: 4× idle MMA rows); (3) the packed bytes are gathered once per code
+(8/b loads per byte, L1 hits); (4) q̃ and p̃ are re-quantized per page with masked full-width reductions.
+Candidates: per-chunk code tiles with a [BG, d/p, p] accumulator, several pages per iteration, and QK as a
+float MMA on the codes (drops the q̃ INT8 step and the k_sums term; papers.md §1.10).
 """
 
 from __future__ import annotations
