@@ -485,6 +485,10 @@ def add_eval_fairness_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wsc-delta", type=float, default=d.wsc_delta, help="WSC continuation slack; <0: max charge")
     p.add_argument("--ewma-alpha", type=float, default=d.ewma_alpha)
     p.add_argument("--json", default=None, help="also write the summaries to this file")
+    p.add_argument("--live", default=None, metavar="URL",
+                   help="replay against a running pipeline's OpenAI API (e.g. http://127.0.0.1:8000/v1) instead")
+    p.add_argument("--speedup", type=float, default=10.0, help="--live: trace time runs this much faster")
+    p.add_argument("--token-scale", type=float, default=0.02, help="--live: multiplies every token count")
     p.set_defaults(func=_run)
 
 
@@ -499,10 +503,28 @@ def _run(args: argparse.Namespace) -> int:
         wsc_delta=None if args.wsc_delta < 0 else args.wsc_delta, ewma_alpha=args.ewma_alpha,
     )
     duration = args.duration or (600.0 if args.trace == "vtc" else 300.0)
+    if args.live:
+        return _run_live(args, duration)
     print(f"trace {args.trace}: {duration:.0f} s, sample {args.sample}; capacity {c.max_running} calls, "
           f"{c.kv_tokens} KV tokens, {c.prefill_budget} prefill tokens / {c.step_s} s step", file=sys.stderr)
     rows = evaluate(args.trace, policies, c, duration, args.sample, args.seed)
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _run_live(args: argparse.Namespace, duration: float) -> int:
+    """One replay against the running pipeline: the policy is whatever its throttler is configured with."""
+    import asyncio
+
+    from stageserve.tools.eval_fairness_live import replay
+
+    trace = load_trace(args.trace, duration, args.sample, args.seed)
+    print(f"live: {len(trace)} interactions over {duration / args.speedup:.0f} s against {args.live}", file=sys.stderr)
+    result = asyncio.run(replay(args.live.rstrip("/"), trace, args.speedup, args.token_scale, 600.0)).summary()
+    print("| " + " | ".join(result) + " |\n|" + "---|" * len(result))
+    print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in result.values()) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
