@@ -403,6 +403,8 @@ class Supervisor:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        from stageserve.serving.common import tls
+
         pending = list(procs)
         channels: dict[str, Any] = {}
         try:
@@ -414,7 +416,9 @@ class Supervisor:
                         target = _hostport(
                             _connect_host(self.config.host), self.config.replica_port(proc.stage, proc.replica)
                         )
-                        channels[proc.address] = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+                        channels[proc.address] = tls.sync_channel(
+                            target, self.config.tls, options=[("grpc.enable_http_proxy", 0)]
+                        )
                     stub = health_pb2_grpc.HealthStub(channels[proc.address])
                     try:
                         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)

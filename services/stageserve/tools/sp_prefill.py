@@ -112,7 +112,7 @@ def run_sp(spec: dict[str, Any], token_ids: list[int], world: int) -> SPResult:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
         mp.spawn(_worker, args=(world, _free_port(), spec, token_ids, out), nprocs=world, join=True)
-        res = torch.load(out)
+        res = torch.load(out, weights_only=True)  # tensors and numbers only: no pickle code paths
     return SPResult(res["hidden"], res["bytes"], res["seconds"])
 
 

@@ -135,6 +135,16 @@ class EngineStageConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS between stages (serving/common/tls.py): PEM files, e.g. from a mounted Secret."""
+
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+
+
+@dataclass(frozen=True)
 class StageServeConfig:
     model: str | None = None
     host: str = "127.0.0.1"
@@ -144,6 +154,8 @@ class StageServeConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     prefill: EngineStageConfig = field(default_factory=EngineStageConfig)
     decode: EngineStageConfig = field(default_factory=lambda: EngineStageConfig(port=50055, metrics_port=9105))
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    allow_unauthenticated_remote: bool = False  # listen beyond loopback without mTLS/API keys (explicit)
 
     def __post_init__(self) -> None:
         if self.kv_format not in KV_FORMATS:

@@ -12,7 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from stageserve.serving.common import tracing
+from stageserve.serving.common import tls, tracing
+from stageserve.serving.common.wire_guard import WireGuard
 
 log = logging.getLogger("stageserve")
 
@@ -25,7 +26,7 @@ GRPC_OPTIONS = [
 
 def stage_channel(address: str) -> grpc.aio.Channel:
     """A channel to another stage; its calls carry the current trace (``traceparent``)."""
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=tracing.client_interceptors())
+    return tls.aio_channel(address, GRPC_OPTIONS, tracing.client_interceptors())  # mTLS when configured
 
 
 def configure_logging(stage: str) -> None:
@@ -38,7 +39,8 @@ class GrpcStage:
     def __init__(self, address: str, service_names: Iterable[str], interceptors: Sequence[Any] | None = None) -> None:
         """``interceptors`` default to the tracing interceptor (continues the caller's trace)."""
         chain = tracing.server_interceptors() if interceptors is None else interceptors
-        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=chain)
+        # WireGuard: undecodable requests -> INVALID_ARGUMENT naming the problem (serving/common/wire_guard.py)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[WireGuard(), *chain])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
@@ -46,7 +48,7 @@ class GrpcStage:
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
-        self.port = self.server.add_insecure_port(address)
+        self.port = tls.add_port(self.server, address)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {address}")
         self.address = address

@@ -12,4 +12,9 @@ def parse_stage_args(stage: str, argv: list[str] | None = None) -> tuple[StageSe
     parser.add_argument("--config", default=None, help="stageserve YAML config (default: built-in defaults)")
     parser.add_argument("--replica", type=int, default=0, help="replica index (port = base + 10 * index)")
     args = parser.parse_args(argv)
-    return load_config(args.config), args.replica
+    config = load_config(args.config)
+    from stageserve.serving.common import tls
+
+    tls.check_bind(config, stage)  # nothing beyond loopback without authentication
+    tls.configure(config.tls)
+    return config, args.replica
