@@ -99,7 +99,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--kv-format",
         default=None,
         help="score every token by a decode step over a cache in this format (bf16, fp8, kivi2, hack2, hack4, "
-        "hack-k4v2); default: one forward pass per window in the model dtype",
+        "hack-k4v2, hack2r, hack4r, hack-k4v2r); default: one forward pass per window in the model dtype",
     )
     ppl.add_argument("--partition", type=int, default=64, help="tokens per quantized page (32, 64, 128)")
     ppl.add_argument(
@@ -109,6 +109,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="which half of --data: calib = first, eval = second (default: eval for a ZeroC model, else all)",
     )
     ppl.set_defaults(func=_eval_ppl)
+    from stageserve.tools.eval_frontier import add_frontier_parser
+
+    add_frontier_parser(evsub, str(DATA_DIR / "wikitext2" / "test.txt"))
     from stageserve.tools.eval_fairness import add_eval_fairness_parser
 
     add_eval_fairness_parser(evsub)
@@ -249,7 +252,7 @@ def _add_kv_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kv-report", help="KV bytes per token and ratio to BF16, per format and prompt length")
     p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a known model shape instead of --model")
-    p.add_argument("--format", default="hack2", help="bf16 | fp8 | kivi2 | hack2 | hack4 | hack-k4v2 | all")
+    p.add_argument("--format", default="hack2", help="bf16 | fp8 | kivi2 | hack2 | hack4 | hack-k4v2 | *r | all")
     p.add_argument("--page-size", type=int, default=64)
     p.set_defaults(func=_kv_report)
 

@@ -7,6 +7,7 @@ import torch
 
 from stageserve.kvcodec import wire
 from stageserve.kvcodec.format import PageFormat
+from stageserve.kvcodec.rotation import format_roundtrip
 
 H, D = 3, 64
 
@@ -90,3 +91,28 @@ def test_code_formats_round_trip_within_their_quantization_step(name, bits):
         v_step = (ref_v.amax(-1, keepdim=True) - ref_v.amin(-1, keepdim=True)) / ((1 << b_v) - 1)
         assert ((v2 - ref_v).abs() <= v_step / 2 * 1.05 + 0.02).all()
     assert total == fmt.request_bytes(n, 1, wire=True)
+
+
+@pytest.mark.parametrize("name", ["hack2r", "hack-k4v2r"])
+def test_rotated_formats_carry_rotated_k_codes_and_restore_the_cached_values(name):
+    fmt = PageFormat(name, H, D)
+    base = PageFormat(fmt.base_format, H, D)
+    assert fmt.k_rotation == "hadamard" and fmt.field_layout() == base.field_layout()
+    torch.manual_seed(2)
+    n = 4 + 64 + 30
+    k, v = torch.randn(n, H, D), torch.randn(n, H, D)
+    k[:, :, 3] *= 8  # an outlier channel
+    total = 0
+    for span in wire.spans(fmt, n):
+        payload = wire.pack(fmt, span, k[span.start : span.end], v[span.start : span.end])
+        total += len(payload)
+        k2, v2 = wire.unpack(fmt, span, payload)
+        if span.kind != "page":
+            continue
+        assert payload != wire.pack(base, span, k[span.start : span.end], v[span.start : span.end])
+        # the page holds the codes of K @ R; unpacking rotates back to what the decode cache stores
+        rows = slice(span.start, span.end)
+        ref_k, ref_v = format_roundtrip(fmt, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+        assert torch.allclose(k2, ref_k.transpose(0, 1), atol=1e-5)
+        assert torch.allclose(v2, ref_v.transpose(0, 1), atol=1e-6)
+    assert total == fmt.request_bytes(n, 1, wire=True) == base.request_bytes(n, 1, wire=True)

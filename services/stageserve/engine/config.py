@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 Role = Literal["both", "prefill", "decode"]
-KV_FORMATS = ("auto", "bf16", "fp8", "kivi2", "hack2", "hack4", "hack-k4v2")
+KV_FORMATS = ("auto", "bf16", "fp8", "kivi2", "hack2", "hack4", "hack-k4v2", "hack2r", "hack4r", "hack-k4v2r")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

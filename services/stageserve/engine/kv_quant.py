@@ -14,7 +14,7 @@ import torch
 
 from stageserve.engine.kv_cache import PagedKVCache
 from stageserve.kvcodec.format import PageFormat
-from stageserve.kvcodec.reference import roundtrip_page
+from stageserve.kvcodec.rotation import format_roundtrip
 
 
 class PageCloser:
@@ -26,20 +26,13 @@ class PageCloser:
         """Quantizes every page that is complete in ``[closed_upto, num_computed)``; returns the new
         ``closed_upto`` (the start of the open block)."""
         start = max(closed_upto, fmt.num_sinks)
-        bits = (fmt.bits_k, fmt.bits_v)
         while start + fmt.page_size <= num_computed:
             slots = self.cache.slots_for(block_table, start, start + fmt.page_size)
             for layer in range(len(self.cache.k)):
                 k = self.cache.k[layer][slots].transpose(0, 1)  # [H, Π, D]
                 v = self.cache.v[layer][slots].transpose(0, 1)
-                k_hat, v_hat = roundtrip_page(k, v, fmt.format, bits, _v_chunk(fmt, v.shape[-1]))
+                k_hat, v_hat = format_roundtrip(fmt, k, v)
                 self.cache.write(layer, slots, k_hat.transpose(0, 1), v_hat.transpose(0, 1))
             start += fmt.page_size
         return start
 
-
-def _v_chunk(fmt: PageFormat, v_dim: int) -> int:
-    """The format's V chunk for a layer whose V has ``v_dim`` values per head (ZeroC layers may have fewer)."""
-    if v_dim == fmt.head_dim:
-        return fmt.v_chunk
-    return PageFormat(fmt.format, fmt.num_kv_heads, v_dim, page_size=fmt.page_size).v_chunk

@@ -16,7 +16,10 @@ The same split is used for every format (for ``bf16`` all three parts are BF16, 
 Formats (``bits_k``/``bits_v``)
 -------------------------------
 ``bf16`` (16/16), ``fp8`` (8/8, E4M3 codes), ``kivi2`` (2/2; same bytes as ``hack2`` but dequantized inside
-the kernel: the baseline), ``hack2`` (2/2), ``hack4`` (4/4), ``hack-k4v2`` (4-bit K, 2-bit V).
+the kernel: the baseline), ``hack2`` (2/2), ``hack4`` (4/4), ``hack-k4v2`` (4-bit K, 2-bit V), and the rotated
+``hack2r``, ``hack4r``, ``hack-k4v2r``: the same layout and bytes, with each head's post-RoPE K multiplied by a
+fixed orthogonal matrix (``k_rotation``) before quantization; the codes are of the rotated K, and decode
+rotates q the same way (scores unchanged).
 
 Page layout of one KV head (fields in this order; each field starts at an 8-byte aligned offset and the
 head page is rounded up to a multiple of 8 bytes). Π rows, d = ``head_dim``, p = ``v_chunk``, g = d/p,
@@ -77,7 +80,7 @@ __all__ = [
     "PageFormat",
 ]
 
-FORMATS: tuple[str, ...] = ("bf16", "fp8", "kivi2", "hack2", "hack4", "hack-k4v2")
+FORMATS: tuple[str, ...] = ("bf16", "fp8", "kivi2", "hack2", "hack4", "hack-k4v2", "hack2r", "hack4r", "hack-k4v2r")
 PAGE_SIZES: tuple[int, ...] = (32, 64, 128)
 TAIL_BITS: tuple[int, ...] = (2, 4, 8, 16)
 ALIGN = 8  # every field starts at a multiple of this many bytes
@@ -92,6 +95,8 @@ _BITS: dict[str, tuple[int, int]] = {
     "hack-k4v2": (4, 2),
 }
 _CODE_FORMATS = frozenset({"kivi2", "hack2", "hack4", "hack-k4v2"})
+# ``*r`` formats: the base format with each head's K rotated by a fixed orthogonal matrix (kvcodec/rotation.py)
+_ROTATED = {"hack2r": "hack2", "hack4r": "hack4", "hack-k4v2r": "hack-k4v2"}
 
 
 class FieldSpec(NamedTuple):
@@ -175,12 +180,25 @@ class PageFormat:
 
     # ---- bits and dtypes -------------------------------------------------------------------------------
     @property
+    def base_format(self) -> str:
+        """The format without K rotation (``hack2r`` -> ``hack2``): same layout, bits and bytes."""
+        return _ROTATED.get(self.format, self.format)
+
+    @property
+    def k_rotation(self) -> str:
+        """Fixed orthogonal rotation of post-RoPE K (and q) before quantization: ``none`` | ``hadamard``
+        (power-of-two head_dim) | ``random`` (seeded; other head_dim). See kvcodec/rotation.py."""
+        if self.format not in _ROTATED:
+            return "none"
+        return "hadamard" if self.head_dim & (self.head_dim - 1) == 0 else "random"
+
+    @property
     def bits_k(self) -> int:
-        return _BITS[self.format][0]
+        return _BITS[self.base_format][0]
 
     @property
     def bits_v(self) -> int:
-        return _BITS[self.format][1]
+        return _BITS[self.base_format][1]
 
     @property
     def is_quantized(self) -> bool:
@@ -189,7 +207,7 @@ class PageFormat:
     @property
     def has_code_sums(self) -> bool:
         """True for the asymmetric-code formats (kivi2, hack*): pages carry scale/min and code sums."""
-        return self.format in _CODE_FORMATS
+        return self.base_format in _CODE_FORMATS
 
     @property
     def computes_on_codes(self) -> bool:
@@ -246,9 +264,9 @@ class PageFormat:
 
     def field_layout(self) -> dict[str, FieldSpec]:
         """Ordered field name → FieldSpec(offset, nbytes, shape, dtype) within one KV head's page."""
-        if self.format == "bf16":
+        if self.base_format == "bf16":
             return self._bf16_layout(self.page_size)
-        if self.format == "fp8":
+        if self.base_format == "fp8":
             return self._fp8_layout(self.page_size)
         ks, vs = self.k_sums_dtype, self.v_sums_dtype
         assert ks is not None and vs is not None

@@ -6,7 +6,9 @@ layer's rows for it exist. Payload bytes follow the format's field layout exactl
 other); a CRC-32 of the payload travels in the frame header. Formats: ``bf16``, ``fp8`` (E4M3 codes with
 one BF16 scale per head per page per tensor) and the HACK code formats (``hack2``, ``hack4``, ``hack-k4v2``,
 ``kivi2``: 2/4-bit codes with BF16 scales and mins, cached code sums; the tail is sent with
-``tail_bits``-bit codes and its own scales, see ``kvcodec.reference``).
+``tail_bits``-bit codes and its own scales, see ``kvcodec.reference``). Rotated formats (``hack2r``, ...) carry
+the codes of the rotated K (``kvcodec.rotation``) in every coded span (pages and a quantized tail); sinks and a
+BF16 tail are not rotated; ``unpack`` returns K rotated back.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 
 from stageserve.kvcodec.format import FieldSpec, PageFormat
 from stageserve.kvcodec.reference import QuantPage, dequantize_page, pack_codes, quantize_page, unpack_codes
+from stageserve.kvcodec.rotation import rotate, unrotate
 
+# formats the serving stages advertise (those with a KVFormat id in the protos); pack/unpack take any PageFormat
 WIRE_FORMATS = ("bf16", "fp8", "hack2", "hack4", "hack-k4v2", "kivi2")
 _TORCH_DTYPES = {"u8": torch.uint8, "u16": torch.uint16, "bf16": torch.bfloat16}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -82,16 +86,15 @@ def _fp8_fields(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pack(fmt: PageFormat, span: Span, k: torch.Tensor, v: torch.Tensor) -> bytes:
     """k, v [span.length, H, D] (any float dtype) -> payload bytes of one layer's frame."""
-    if fmt.format not in WIRE_FORMATS:
-        raise ValueError(f"kv format {fmt.format!r} cannot be sent yet (wire formats: {', '.join(WIRE_FORMATS)})")
     if k.shape != (span.length, fmt.num_kv_heads, fmt.head_dim) or v.shape != k.shape:
         raise ValueError(f"KV rows {tuple(k.shape)} do not match span of {span.length} tokens")
     kind, layout = _layout(fmt, span)
     head = _head_bytes(layout)
     buf = bytearray(head * fmt.num_kv_heads)
     bits = _bits(fmt, span)
+    rot = _rotation(fmt, span)
     for h in range(fmt.num_kv_heads):
-        fields = _head_fields(kind.format, k[:, h], v[:, h], bits, fmt.v_chunk)
+        fields = _head_fields(kind.format, rotate(k[:, h], rot), v[:, h], bits, fmt.v_chunk)
         for name, spec in layout.items():
             data = _as_bytes(fields[name].to(_TORCH_DTYPES[spec.dtype]))
             assert len(data) == spec.nbytes, (name, len(data), spec.nbytes)
@@ -104,6 +107,13 @@ def _bits(fmt: PageFormat, span: Span) -> tuple[int, int]:
     if span.kind == "tail" and fmt.format not in ("bf16", "fp8"):
         return fmt.tail_bits, fmt.tail_bits
     return fmt.bits_k, fmt.bits_v
+
+
+def _rotation(fmt: PageFormat, span: Span) -> str:
+    """The K rotation of a span's codes: the format's for coded spans, none for BF16 ones."""
+    if span.kind == "sinks" or _bits(fmt, span) == (16, 16):
+        return "none"
+    return fmt.k_rotation
 
 
 def _head_fields(
@@ -141,6 +151,7 @@ def unpack(fmt: PageFormat, span: Span, payload: bytes) -> tuple[torch.Tensor, t
         raise ValueError(f"payload of {len(payload)} bytes, expected {head * fmt.num_kv_heads}")
     raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     bits = _bits(fmt, span)
+    rot = _rotation(fmt, span)
     ks, vs = [], []
     for h in range(fmt.num_kv_heads):
         fields = {
@@ -150,7 +161,7 @@ def unpack(fmt: PageFormat, span: Span, payload: bytes) -> tuple[torch.Tensor, t
             for name, spec in layout.items()
         }
         k, v = _head_values(kind.format, fields, bits, fmt.v_chunk)
-        ks.append(k)
+        ks.append(unrotate(k, rot))
         vs.append(v)
     return torch.stack(ks, dim=1), torch.stack(vs, dim=1)
 

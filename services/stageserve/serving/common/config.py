@@ -6,7 +6,7 @@ model. Helm values and CLI flags map onto the same fields.
 ```yaml
 model: null            # HF directory or .gguf; null = embedded SmolLM2-135M-Instruct
 host: 127.0.0.1
-kv_format: auto        # auto | bf16 | fp8  (auto: negotiated from capabilities and link bandwidth)
+kv_format: auto        # auto | bf16 | fp8 | hack4 | hack-k4v2 | hack2 | kivi2  (auto: negotiated, see kv_format.py)
 gateway:   {http_port: 8000, grpc_port: 50051}
 throttler: {port: 50052, metrics_port: 9102, policy: always-admit}
 encoder:   {port: 50053, metrics_port: 9103, replicas: 1}
@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 STAGES = ("gateway", "throttler", "encoder", "prefill", "decode")
-KV_FORMATS = ("auto", "bf16", "fp8")
+KV_FORMATS = ("auto", "bf16", "fp8", "hack4", "hack-k4v2", "hack2", "kivi2")
 REPLICA_PORT_STRIDE = 10
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stageserve.policy.routing.kv_format import negotiate
+from stageserve.policy.routing.kv_format import ACCURATE_COMPACT, negotiate
 from stageserve.policy.routing.least_loaded import ReplicaLoad, pick_least_loaded
 
 
@@ -37,7 +37,10 @@ def test_negotiation_prefers_compact_on_slow_links_and_bf16_on_fast():
     both = {"bf16", "fp8"}
     assert negotiate("auto", both, both, link_gbps=10) == "fp8"
     assert negotiate("auto", both, both, link_gbps=100) == "bf16"
-    assert negotiate("auto", {"bf16", "fp8", "hack2"}, {"bf16", "fp8", "hack2"}, link_gbps=10) == "hack2"
+    assert negotiate("auto", {"bf16", "fp8", "hack2"}, {"bf16", "fp8", "hack2"}, link_gbps=10) == "fp8"
+    every = {"bf16", "fp8", "kivi2", "hack2", "hack4", "hack-k4v2"}
+    assert negotiate("auto", every, every, link_gbps=10) == ACCURATE_COMPACT  # fewest bytes within +1.5 %
+    assert negotiate("hack2", every, every, link_gbps=10) == "hack2"  # 2-bit only when configured
     assert negotiate("auto", {"bf16"}, both, link_gbps=1) == "bf16"
     assert negotiate("bf16", both, both, link_gbps=1) == "bf16"
 
