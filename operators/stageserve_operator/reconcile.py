@@ -35,6 +35,7 @@ def scale_state(spec: DeploymentSpec, status: dict[str, Any], stage: str) -> Sca
         last_change_at=mem.get("lastChangeAt"),
         below_since=mem.get("belowSince"),
         below_max=int(mem.get("belowMax", 0)),
+        scaled_up_at=mem.get("lastScaleUpAt"),
     )
 
 
@@ -115,7 +116,7 @@ def render_status(
 def _memory(state: ScaleState) -> dict[str, Any]:
     mem: dict[str, Any] = {"belowMax": state.below_max}
     for key, value in (("lastPlanAt", state.last_plan_at), ("lastChangeAt", state.last_change_at),
-                       ("belowSince", state.below_since)):
+                       ("belowSince", state.below_since), ("lastScaleUpAt", state.scaled_up_at)):
         if value is not None:
             mem[key] = value
     return mem

@@ -149,10 +149,13 @@ class SimConfig:
     slo_target: float = 0.99
     max_scale_down_fraction: float = 0.25
 
+    drain_s: float = 300.0  # as the operator's defaults
+    settle_s: float = 240.0  # start-up plus the rate window: until then metrics do not show new replicas
+
     def policy(self, stage: str) -> ScalePolicy:
         return ScalePolicy(self.capacity[stage], self.min_replicas, self.max_replicas, self.replan_interval_s,
                            self.scale_down_window_s, self.cooldown_s, self.max_scale_down_fraction,
-                           self.slo_target)
+                           self.slo_target, drain_s=self.drain_s, settle_s=self.settle_s)
 
 
 @dataclass

@@ -53,6 +53,8 @@ class AutoscalingSpec:
     max_scale_down_fraction: float = 0.25
     slo_target: float = 0.99
     metrics_window: str = "2m"
+    drain_s: float = 300.0
+    settle_s: float = 240.0
     prometheus_url: str = "http://prometheus-operated.monitoring:9090"
 
 
@@ -81,6 +83,8 @@ class DeploymentSpec:
             cooldown_s=a.cooldown_s,
             max_scale_down_fraction=a.max_scale_down_fraction,
             slo_target=a.slo_target,
+            drain_s=a.drain_s,
+            settle_s=a.settle_s,
             max_seqs_per_replica=s.max_seqs_per_replica,
         )
 
@@ -155,6 +159,8 @@ def _autoscaling(raw: dict[str, Any]) -> AutoscalingSpec:
                                           "spec.autoscaling.maxScaleDownFraction"),
         slo_target=_positive(raw.get("sloTarget", d.slo_target), "spec.autoscaling.sloTarget"),
         metrics_window=str(raw.get("metricsWindow", d.metrics_window)),
+        drain_s=_positive(raw.get("drainSeconds", d.drain_s), "spec.autoscaling.drainSeconds"),
+        settle_s=_nonneg(raw.get("settleSeconds", d.settle_s), "spec.autoscaling.settleSeconds"),
         prometheus_url=str(raw.get("prometheusUrl", d.prometheus_url)),
     )
 

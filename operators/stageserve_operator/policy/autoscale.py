@@ -8,11 +8,12 @@ Unit of load: tokens per second the stage must process. Inputs per stage (``Stag
 
 Timing: a plan is made every ``replan_interval_s``, or at once when the P99 SLO attainment (share of
 requests meeting the TTFT/ITL target in the metrics window) falls below ``slo_target``. Scale-up is
-immediate (subject to ``cooldown_s`` except on an SLO breach); scale-down waits until every plan during
-``scale_down_window_s`` recommended fewer replicas, goes to the largest of those recommendations, and
-removes at most ``max_scale_down_fraction`` of the replicas per step. Bounds: ``min_replicas`` ≤ replicas
-≤ ``max_replicas``. Time is always an argument (seconds, any monotonic origin); the module keeps no state:
-``plan`` returns the new ``ScaleState``.
+immediate (subject to ``cooldown_s`` except on an SLO breach); for ``settle_s`` after a scale-up only the
+arrival rate can add replicas, since the backlog and the attainment have not yet felt the new ones.
+Scale-down waits until every plan during ``scale_down_window_s`` recommended fewer replicas, goes to the
+largest of those recommendations, and removes at most ``max_scale_down_fraction`` of the replicas per
+step. Bounds: ``min_replicas`` <= replicas <= ``max_replicas``. Time is always an argument (seconds, any
+monotonic origin); the module keeps no state: ``plan`` returns the new ``ScaleState``.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ class ScalePolicy:
     cooldown_s: float = 60.0
     max_scale_down_fraction: float = 0.25
     slo_target: float = 0.99
-    drain_s: float = 30.0
+    drain_s: float = 300.0  # the backlog should be gone within this (one re-plan interval)
     kv_target: float = 0.8
     max_seqs_per_replica: int = 0  # 0 = not a limit
+    settle_s: float = 240.0  # after a scale-up, backlog and SLO wait this long (start-up + metrics window)
 
     def __post_init__(self) -> None:
         if not self.capacity_tokens_per_s > 0:
@@ -58,7 +60,7 @@ class ScalePolicy:
                              f"{self.max_replicas}")
         if not 0 < self.max_scale_down_fraction <= 1:
             raise ValueError("max_scale_down_fraction: must be in (0, 1]")
-        for name in ("replan_interval_s", "scale_down_window_s", "cooldown_s", "drain_s"):
+        for name in ("replan_interval_s", "scale_down_window_s", "cooldown_s", "drain_s", "settle_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0")
 
@@ -72,6 +74,7 @@ class ScaleState:
     last_change_at: float | None = None
     below_since: float | None = None  # first plan of the current run of plans that all wanted fewer replicas
     below_max: int = 0  # the largest recommendation in that run
+    scaled_up_at: float | None = None  # last scale-up: its replicas may still be starting
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,18 @@ class Decision:
     state: ScaleState
 
 
-def recommend(stage: str, load: StageLoad, current: int, policy: ScalePolicy) -> tuple[int, str]:
-    """Replicas the load needs right now (bounded), and which signal decided it."""
+def recommend(
+    stage: str, load: StageLoad, current: int, policy: ScalePolicy, settling: bool = False
+) -> tuple[int, str]:
+    """Replicas the load needs right now (bounded), and which signal decided it.
+
+    ``settling``: replicas from the last scale-up may still be starting, so the backlog and the SLO
+    attainment (which they have not had a chance to improve) are left out; the arrival rate still counts.
+    """
     if stage not in STAGE_KINDS:
         raise ValueError(f"stage: autoscaling covers {', '.join(STAGE_KINDS)}, got {stage!r}")
     cap = policy.capacity_tokens_per_s
-    backlog = load.pending_tokens / policy.drain_s if policy.drain_s > 0 else 0.0
+    backlog = load.pending_tokens / policy.drain_s if policy.drain_s > 0 and not settling else 0.0
     tokens = load.tokens_per_s + (backlog if stage in ("encoder", "prefill") else 0.0)
     candidates = {"tokens": math.ceil(round(tokens / cap, 9))}
     if stage == "decode":
@@ -98,7 +107,7 @@ def recommend(stage: str, load: StageLoad, current: int, policy: ScalePolicy) ->
             candidates["KV usage"] = math.ceil(round(current * load.kv_usage / policy.kv_target, 9))
     signal = max(candidates, key=lambda k: candidates[k])
     wanted = candidates[signal]
-    if slo_breached(load, policy) and wanted <= current:
+    if slo_breached(load, policy) and wanted <= current and not settling:
         wanted, signal = current + 1, "SLO attainment"
     bounded = min(max(wanted, policy.min_replicas), policy.max_replicas)
     detail = f"{signal}: {tokens:.0f} tok/s over {cap:g} tok/s per replica" if signal == "tokens" else signal
@@ -119,16 +128,20 @@ def plan(stage: str, load: StageLoad, state: ScaleState, now: float, policy: Sca
     if not due and not breach:
         wait = policy.replan_interval_s - (now - (state.last_plan_at or now))
         return Decision(current, current, f"holding: next re-plan in {wait:.0f}s", False, state)
-    wanted, why = recommend(stage, load, current, policy)
+    settling = state.scaled_up_at is not None and now - state.scaled_up_at < policy.settle_s
+    wanted, why = recommend(stage, load, current, policy, settling)
     if breach:
         why = f"SLO attainment {load.slo_attainment:.3f} < {policy.slo_target}; {why}"
+    if settling:
+        why = f"{why} (settling: backlog and SLO wait {policy.settle_s:g}s for started replicas)"
     planned = replace(state, last_plan_at=now)
     in_cooldown = state.last_change_at is not None and now - state.last_change_at < policy.cooldown_s
     if wanted > current:
         planned = replace(planned, below_since=None, below_max=0)
         if in_cooldown and not breach:
             return Decision(current, wanted, f"cooldown: wants {wanted} ({why})", True, planned)
-        return Decision(wanted, wanted, f"scale up to {wanted}: {why}", True, _changed(planned, wanted, now))
+        up = replace(_changed(planned, wanted, now), scaled_up_at=now)
+        return Decision(wanted, wanted, f"scale up to {wanted}: {why}", True, up)
     if wanted == current:
         planned = replace(planned, below_since=None, below_max=0)
         return Decision(current, wanted, f"steady: {why}", True, planned)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from stageserve_operator.policy.autoscale import ScalePolicy, ScaleState, StageLoad, plan, recommend
 
 P = ScalePolicy(capacity_tokens_per_s=1000, min_replicas=1, max_replicas=8, replan_interval_s=300,
-                scale_down_window_s=900, cooldown_s=60)
+                scale_down_window_s=900, cooldown_s=60, drain_s=30, settle_s=120)
 
 
 def run(loads: list[tuple[float, StageLoad]], policy: ScalePolicy = P, start: int = 1, stage: str = "prefill"):
@@ -62,10 +62,20 @@ def test_replans_only_every_interval_without_slo_breach():
 
 def test_slo_breach_replans_before_the_tick_and_adds_a_replica_even_at_low_token_load():
     out = run([(0, StageLoad(500)), (60, StageLoad(2500, slo_attainment=0.97)),
-               (120, StageLoad(500, slo_attainment=0.95)), (130, StageLoad(500, slo_attainment=0.999))])
+               (200, StageLoad(500, slo_attainment=0.95)), (210, StageLoad(500, slo_attainment=0.999))])
     assert [r for _, r, _ in out] == [1, 3, 4, 4]
     assert "SLO attainment 0.970" in out[1][2]
     assert "next re-plan" in out[3][2]  # attainment recovered: back to the 5-minute rhythm
+
+
+def test_while_new_replicas_start_only_the_arrival_rate_adds_more():
+    """Backlog and SLO misses persist until started replicas serve; re-adding for them would overshoot."""
+    out = run([(0, StageLoad(3000, pending_tokens=0)),
+               (60, StageLoad(3000, pending_tokens=300_000, slo_attainment=0.5)),  # settling: hold at 3
+               (90, StageLoad(4500, pending_tokens=300_000, slo_attainment=0.5)),  # the rate alone needs 5
+               (250, StageLoad(4500, pending_tokens=60_000, slo_attainment=0.9))])  # settled: backlog counts
+    assert [r for _, r, _ in out] == [3, 3, 5, 7]
+    assert "settling" in out[1][2] and "settling" in out[2][2] and "settling" not in out[3][2]
 
 
 def test_scale_up_is_immediate_but_cooldown_blocks_a_second_change():
