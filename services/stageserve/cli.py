@@ -202,6 +202,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from stageserve.tools.bench_throttler import add_bench_throttler_parser
 
     add_bench_throttler_parser(bsub)
+    from stageserve.tools.bench_chaos import add_bench_chaos_parser
+    from stageserve.tools.bench_fuzz import add_bench_fuzz_parser
+
+    add_bench_chaos_parser(bsub)  # soak under process deaths (serving/gateway/migration.py)
+    add_bench_fuzz_parser(bsub)  # hostile inputs to every gRPC method and the HTTP API
 
 
 def _bench_offline(args: argparse.Namespace) -> int:

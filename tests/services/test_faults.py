@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 
 import grpc
@@ -17,7 +18,7 @@ import pytest
 
 from stageserve.v1 import common_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc
 
-LONG = 120  # tokens: long enough to kill decode mid-stream on CPU
+LONG = 64  # tokens: long enough to kill decode mid-stream on CPU
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,19 @@ def chaos():
     )
     supervisor = Supervisor(config, startup_timeout_s=300.0)
     supervisor.start()
+    supervisor.restarts = []  # background restarts: the next test runs while a killed replica comes back
     try:
         yield supervisor
     finally:
+        for thread in supervisor.restarts:
+            thread.join(timeout=300)
         supervisor.stop()
+
+
+def _restart_later(sup, stage: str, replica: int) -> None:
+    thread = threading.Thread(target=sup.restart, args=(stage, replica), daemon=True)
+    thread.start()
+    sup.restarts.append(thread)
 
 
 def _request(ids: list[int], max_tokens: int, **sampling) -> gateway_pb2.GenerateRequest:
@@ -76,13 +86,13 @@ async def _until(predicate, timeout: float, what: str) -> None:
 
 
 def assert_drained(sup, timeout: float = 20.0) -> None:
-    """Every prefill and decode replica reports no running/waiting requests, no pending tokens, no KV in use."""
+    """Every live prefill and decode replica reports no running/waiting requests, no pending tokens, no KV in
+    use (a replica still restarting after a kill holds nothing)."""
 
     async def idle() -> bool:
-        loads = [*(await _loads(sup, "prefill")), *(await _loads(sup, "decode"))]
-        return all(
-            x is not None and (x.num_running, x.num_waiting, x.pending_tokens, x.kv_cache_usage) == (0, 0, 0, 0.0)
-            for x in loads
+        loads = [x for x in [*(await _loads(sup, "prefill")), *(await _loads(sup, "decode"))] if x is not None]
+        return bool(loads) and all(
+            (x.num_running, x.num_waiting, x.pending_tokens, x.kv_cache_usage) == (0, 0, 0, 0.0) for x in loads
         )
 
     asyncio.run(_until(idle, timeout, "every replica to report zero load"))
@@ -137,31 +147,56 @@ def test_decode_killed_mid_stream_is_migrated_token_exact(chaos, loaded, samplin
     request = _request(ids, LONG, **sampling)
     want, want_text, _ = _uninterrupted(chaos, request)
     assert len(want) == LONG
-    got, text, last, killed = _run_with_kill(chaos, request, "decode", 10, lambda x: x.num_running > 0)
+    got, text, last, killed = _run_with_kill(chaos, request, "decode", 8, lambda x: x.num_running > 0)
     assert got == want  # no duplicated, no missing, no different token
     assert text == want_text
     assert last.finished and last.finish_reason == "length"
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(ids), LONG)
-    chaos.restart("decode", killed)
+    _restart_later(chaos, "decode", killed)
     assert_drained(chaos)
 
 
+def _cpu_ticks(pid: int) -> int:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+async def _busiest_prefill(sup) -> int:
+    """The prefill replica burning CPU now: the one running the long prompt's forward pass."""
+    pids = [sup.process("prefill", i).pid for i in range(sup.config.prefill.replicas)]
+    before = [_cpu_ticks(p) for p in pids]
+    await asyncio.sleep(0.3)
+    deltas = [_cpu_ticks(p) - b for p, b in zip(pids, before, strict=True)]
+    return deltas.index(max(deltas))
+
+
 def test_prefill_killed_mid_transfer_is_retried(chaos, loaded):
-    text = " ".join(["The quick brown fox jumps over the lazy dog near the riverbank."] * 80)
-    ids = loaded.tokenizer.encode(text)[:1200]
-    request = _request(ids, 8)
-    want, _, _ = _uninterrupted(chaos, request)
+    text = " ".join(["The quick brown fox jumps over the lazy dog near the riverbank."] * 100)
+    ids = loaded.tokenizer.encode(text)[:1500]
+    request = _request(ids, 8)  # a prompt no prefill has cached yet: its forward pass takes a while
     tokens: list[int] = []
 
     async def main():
         task = asyncio.create_task(_stream(chaos, request, tokens, []))
-        killed = await _kill_when(chaos, "prefill", lambda x: x.num_running > 0 or x.num_waiting > 0, chaos.kill)
+        # decode has reserved KV and waits for pages: the prefill is running the prompt and pushing them
+        await _until(_kv_reserved(chaos), 60.0, "decode to reserve KV")
+        killed = await _busiest_prefill(chaos)
+        assert not task.done()
+        await asyncio.to_thread(chaos.kill, "prefill", killed)
         return killed, await task
 
     killed, last = asyncio.run(main())
-    assert tokens == want and last.finished
-    chaos.restart("prefill", killed)
+    assert last.finished and len(tokens) == 8
+    _restart_later(chaos, "prefill", killed)
     assert_drained(chaos)
+    assert _uninterrupted(chaos, request)[0] == tokens
+
+
+def _kv_reserved(sup):
+    async def check() -> bool:
+        return any(x is not None and x.kv_cache_usage > 0 and x.num_running == 0 for x in await _loads(sup, "decode"))
+
+    return check
 
 
 def test_throttler_down_fails_open(chaos, loaded):
@@ -222,5 +257,5 @@ def test_sigterm_drains_in_flight_then_stops(chaos, loaded):
 
     killed, last = asyncio.run(main())
     assert tokens == want and last.finished
-    chaos.restart("decode", killed)
+    _restart_later(chaos, "decode", killed)
     assert_drained(chaos)

@@ -39,6 +39,8 @@ log = logging.getLogger("stageserve.gateway.migration")
 # Monotonic deadline (time.monotonic()) of the request being served: set from the client's gRPC deadline by the
 # front end, else from gateway.request_timeout_s. Every hop's gRPC timeout is the time left until it.
 REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
+# The front end's per-request migration counter (a one-item list), reported to the client as trailing metadata.
+REQUEST_MIGRATIONS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("migrations", default=None)
 _MIGRATABLE = (Unavailable, DataLoss)
 
 
@@ -186,6 +188,9 @@ class Migrator:
 
     def _count(self, migrations: int) -> None:
         self.stats.migrations += 1
+        cell = REQUEST_MIGRATIONS.get()
+        if cell is not None:
+            cell[0] = migrations
         if migrations == 1:
             self.stats.migrated_requests += 1
 

@@ -13,7 +13,7 @@ from stageserve.serving.common.errors import BadRequest, ModelNotFound, abort
 from stageserve.serving.gateway.core import GatewayCore, new_request_id
 from stageserve.serving.gateway.http import HttpGenerateRequest, TenantHeaders
 from stageserve.serving.gateway.images import grpc_chat_messages
-from stageserve.serving.gateway.migration import REQUEST_DEADLINE
+from stageserve.serving.gateway.migration import REQUEST_DEADLINE, REQUEST_MIGRATIONS
 from stageserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -85,8 +85,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             remaining = context.time_remaining()
             if remaining is not None:  # the client's deadline bounds every hop
                 REQUEST_DEADLINE.set(time.monotonic() + remaining)
+            migrations = [0]
+            REQUEST_MIGRATIONS.set(migrations)
             async for delta in self.core.generate(call):
                 usage = (delta.prompt_tokens, delta.completion_tokens, delta.cached_tokens) if delta.finished else None
+                if delta.finished:  # how often this stream moved to other replicas (serving/gateway/migration.py)
+                    context.set_trailing_metadata((("x-stageserve-migrations", str(migrations[0])),))
                 yield token_event(call.request_id, delta.token_ids, delta.text, delta.finish_reason, usage)
         except Exception as exc:  # every failure leaves through the error table
             await abort(context, exc)
