@@ -1,6 +1,6 @@
 """The real pipeline admits through the FairServe throttler: tenant identity and interaction ids, a throttled
 new interaction gets 429 with Retry-After while a continuation still runs, and per-tenant API keys on a
-second gateway process (same throttler and engines)."""
+second gateway process (same engines, a Redis-backed fairserve throttler)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import redis
 import yaml
 
 from stageserve.serving.gateway.identity import key_digest
-from stageserve.tools.redis_server import free_port
+from stageserve.tools.redis_server import RedisServer, free_port
 from stageserve.v1 import common_pb2, throttler_pb2_grpc
 
 BODY = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -68,8 +69,28 @@ KEYS = {"key-alice": {"user": "alice"}, "key-bot": {"user": "bot", "app": "searc
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(pipeline, tmp_path_factory) -> Iterator[str]:
-    """A second gateway process with per-tenant API keys, in front of the pipeline's throttler and engines."""
+def redis_throttler(tmp_path_factory) -> Iterator[tuple[int, RedisServer]]:
+    """A fairserve throttler process whose state lives in a real redis-server."""
+    server = RedisServer().start()
+    port = free_port()
+    path = Path(tmp_path_factory.mktemp("redis-throttler")) / "throttler.yaml"
+    path.write_text(yaml.safe_dump({"throttler": {"port": port, "policy": "fairserve", "state": "redis",
+                                                  "redis_url": server.url}}))
+    proc = subprocess.Popen([sys.executable, "-m", "stageserve.serving.throttler", "--config", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_port(port, proc)
+        yield port, server
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(pipeline, redis_throttler, tmp_path_factory) -> Iterator[str]:
+    """A second gateway process with per-tenant API keys, in front of the pipeline's engines and a
+    Redis-backed fairserve throttler."""
     stages = {}
     for stage, addresses in pipeline.stages.items():
         if stage == "gateway" or not addresses:
@@ -77,6 +98,7 @@ def keyed_gateway(pipeline, tmp_path_factory) -> Iterator[str]:
         stages[stage] = {"port": int(addresses[0].rsplit(":", 1)[1])}
         if stage not in ("throttler",):
             stages[stage]["replicas"] = len(addresses)
+    stages["throttler"] = {"port": redis_throttler[0]}
     http_port = free_port()
     config = {
         **stages,
@@ -103,6 +125,19 @@ def keyed_gateway(pipeline, tmp_path_factory) -> Iterator[str]:
             proc.wait(5)
 
 
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
 def _wait_http(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -118,12 +153,15 @@ def _wait_http(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 180.
     raise RuntimeError(f"gateway did not serve on {port}")
 
 
-def test_api_keys_bind_requests_to_their_tenant(keyed_gateway: str) -> None:
+def test_api_keys_bind_requests_to_their_tenant(keyed_gateway: str, redis_throttler) -> None:
     assert chat(keyed_gateway, {}).status_code == 401
     bad = chat(keyed_gateway, {"authorization": "Bearer nope"})
     assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
     ok = chat(keyed_gateway, {"authorization": "Bearer key-alice", "x-stageserve-app": "notes"})
     assert ok.status_code == 200, ok.text
+    client = redis.Redis.from_url(redis_throttler[1].url)  # admitted through the Redis-backed throttler:
+    iid = ok.headers["x-stageserve-interaction-id"]  # its interaction and alice's window live in Redis
+    assert client.exists(f"stageserve:throttler:ia:{iid}") and client.zcard("stageserve:throttler:rua:alice|notes") == 1
     same = chat(keyed_gateway, {"authorization": "Bearer key-alice", "x-stageserve-user": "alice"})
     assert same.status_code == 200
     other = chat(keyed_gateway, {"authorization": "Bearer key-alice", "x-stageserve-user": "mallory"})
