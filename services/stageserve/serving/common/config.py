@@ -47,6 +47,8 @@ class GatewayConfig:
     migration_exact_max_tokens: int = 1024  # greedy/seeded: re-run and skip sent tokens (exact) up to this many
     throttler_failure_mode: str = "fail-open"  # fail-open (local per-tenant limit) | fail-closed (503)
     local_tenant_max_inflight: int = 16  # fail-open: concurrent requests per tenant while the throttler is down
+    max_prompt_tokens: int = 0  # per-request prompt cap (0 = the model's context); over it -> 400
+    max_output_tokens: int = 0  # per-request max_tokens cap (0 = the model's context); over it -> 400
     api_keys: dict = field(default_factory=dict)  # sha256(key) hex -> {user, app?}; set = keys required
     report_loads: bool = True  # forward the replica loads it polls to the throttler (overload detection)
     allow_remote_images: bool = False  # fetch http(s) image_url parts (else 400); data: URLs always work

@@ -14,6 +14,7 @@ from stageserve.serving.common.stage_args import parse_stage_args
 from stageserve.serving.gateway import instrument
 from stageserve.serving.gateway.core import GatewayCore
 from stageserve.serving.gateway.http import create_app
+from stageserve.serving.gateway.limits import BodyLimit
 from stageserve.serving.gateway.servicer import GatewayServicer
 from stageserve.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -33,7 +34,8 @@ async def main() -> None:
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(backend), stage.server)  # type: ignore[arg-type]
     app = create_app(backend)
     instrument.install(app, core.model_name)  # GET /metrics, tracing middleware
-    http = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.gateway.http_port, log_level="warning"))
+    limited = BodyLimit(app, config.gateway.max_prompt_bytes)  # oversize bodies -> 400 (gateway/limits.py)
+    http = uvicorn.Server(uvicorn.Config(limited, host=config.host, port=config.gateway.http_port, log_level="warning"))
     http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # GrpcStage owns the signals
     http_task = asyncio.create_task(http.serve())
 

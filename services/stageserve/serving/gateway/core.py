@@ -27,6 +27,7 @@ from stageserve.serving.common.server import stage_channel
 from stageserve.serving.gateway.http import GenerateDelta, HttpGenerateRequest
 from stageserve.serving.gateway.identity import ApiKeys
 from stageserve.serving.gateway.images import EncoderPool, check_images, read_image_url, tokenize_chat_images
+from stageserve.serving.gateway.limits import check_tokens
 from stageserve.serving.gateway.migration import attempt_timeout, core_hook
 from stageserve.serving.gateway.throttler_fallback import LocalTenantLimiter
 from stageserve.serving.gateway.throttling import TokenProgress, expected_counts, forward_loads
@@ -137,6 +138,7 @@ class GatewayCore:
         ids = request.prompt_token_ids
         if not ids:
             raise ValueError("prompt: must not be empty")
+        check_tokens(len(ids), request.params.max_tokens, self.config.gateway)  # gateway.max_*_tokens -> 400
         if len(ids) + request.params.max_tokens > self.max_context:
             raise ValueError(
                 f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds the "
