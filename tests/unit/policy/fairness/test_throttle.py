@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stageserve.policy.fairness.oit import AppLimits
 from stageserve.policy.fairness.rpm import RPMConfig
@@ -101,3 +103,40 @@ def test_duplicate_request_id_is_an_error() -> None:
 def test_unknown_policy_is_named() -> None:
     with pytest.raises(ValueError, match="policy: unknown policy 'nope'"):
         ThrottleConfig(policy="nope")
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("new"), st.integers(0, 3), st.floats(0.0, 4.0)),
+        st.tuples(st.just("next"), st.integers(0, 40), st.floats(0.0, 4.0)),
+        st.tuples(st.just("load"), st.sampled_from([0.1, 0.85, 0.95]), st.floats(0.0, 4.0)),
+        st.tuples(st.just("finish"), st.integers(0, 40), st.floats(0.0, 4.0)),
+    ),
+    max_size=29,  # under 120 s in all: no interaction goes idle (an idle one may be rejected as new)
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(script=ops)
+def test_fairserve_never_rejects_calm_or_mid_interaction(script: list[tuple[str, float, float]]) -> None:
+    t = throttle("fairserve", max_running_calls=2, limits={"chat": AppLimits(user_per_min=1, app_per_min=2)})
+    now, started, serial = 0.0, [], 0
+    for op, arg, dt in script:
+        now += dt
+        serial += 1
+        if op == "load":
+            t.observe_load(EngineLoad(float(arg), 0, 1000), now)
+        elif op == "finish" and started:
+            t.release(started[int(arg) % len(started)][0], 3, now)
+        elif op == "new" or not started:
+            was_overloaded = t.overloaded
+            iid = f"i{serial}"
+            d = t.admit(call(f"r{serial}", f"u{int(arg)}", iid), now)
+            assert was_overloaded or not isinstance(d, Reject)
+            if not isinstance(d, Reject):
+                started.append((f"r{serial}", iid, 0))
+        else:
+            _, iid, idx = started[int(arg) % len(started)]
+            d = t.admit(call(f"r{serial}", "u", iid, idx + 1), now)
+            assert not isinstance(d, Reject)  # a later call of an admitted interaction is never rejected
+            started.append((f"r{serial}", iid, idx + 1))
