@@ -97,11 +97,11 @@ class LocalStack:
             index = len(live)
             popen = subprocess.Popen(self.argv(stage, index), stdin=subprocess.DEVNULL, start_new_session=True)
             live.append(Replica(stage, index, popen))
-            self._say(f"started {stage}-{index} (pid {popen.pid})")
+            self.say(f"started {stage}-{index} (pid {popen.pid})")
         while len(live) > n:
             replica = live.pop()
             self._stop(replica)
-            self._say(f"stopped {stage}-{replica.index}")
+            self.say(f"stopped {stage}-{replica.index}")
         self.write_targets()
 
     def write_targets(self) -> None:
@@ -140,7 +140,7 @@ class LocalStack:
         if self.config_path and os.path.exists(self.config_path):
             os.unlink(self.config_path)
 
-    def _say(self, message: str) -> None:
+    def say(self, message: str) -> None:
         self.log.write(f"[operator] {message}\n")
         self.log.flush()
 
@@ -181,12 +181,12 @@ class LocalOperator:
         try:
             loads = self.loads()
         except PrometheusError as exc:
-            self.stack._say(f"metrics unavailable, holding: {exc}")
+            self.stack.say(f"metrics unavailable, holding: {exc}")
             return {s: self.stack.count(s) for s in self.stages}
         result = reconcile(self.spec, self.status, loads, now)
         for stage, decision in result.decisions.items():
             if decision.replicas != self.stack.count(stage):
-                self.stack._say(f"{stage}: {self.stack.count(stage)} -> {decision.replicas} ({decision.reason})")
+                self.stack.say(f"{stage}: {self.stack.count(stage)} -> {decision.replicas} ({decision.reason})")
             self.stack.scale(stage, decision.replicas)
         self.status = render_status(self.spec, self.status, result, loads, now)
         if self.status_file:
