@@ -84,6 +84,7 @@ class Running:
     call: Call
     reserved: int
     output: int = 0
+    last: float = 0.0  # start or last token report
 
 
 def make_admission(config: ThrottleConfig) -> Admission | None:
@@ -151,7 +152,7 @@ class Throttle:
             if isinstance(verdict, Reject):
                 return verdict
         if self.scheduler is None:
-            self._start(call)
+            self._start(call, now)
             return Admit(reason=self.name)
         self.scheduler.enqueue(call, now)
         self.queued[call.request_id] = call
@@ -169,7 +170,7 @@ class Throttle:
         out: list[Call] = []
         while (call := self.scheduler.pop_next(now, self.fits)) is not None:
             del self.queued[call.request_id]
-            self._start(call)
+            self._start(call, now)
             out.append(call)
         if out:
             self._refresh_overload()
@@ -194,6 +195,7 @@ class Throttle:
         if self.scheduler is not None:
             self.scheduler.on_output_tokens(request_id, output_total - run.output, now)
         run.output = output_total
+        run.last = max(run.last, now)
         if self.admission is not None:
             self.admission.touch(run.call, now)
 
@@ -215,6 +217,15 @@ class Throttle:
         if self.admission is not None:
             self.admission.touch(run.call, now)
         return self.dispatch(now)
+
+    def expire(self, now: float, idle_s: float) -> list[Call]:
+        """Releases running calls silent for `idle_s` (their Release was lost, e.g. a gateway died) and
+        dispatches the queue into the freed capacity."""
+        stale = [rid for rid, run in self.running.items() if now - run.last >= idle_s]
+        started: list[Call] = []
+        for rid in stale:
+            started += self.release(rid, self.running[rid].output, now)
+        return started
 
     # ---- load and metrics --------------------------------------------------------------------------
     def observe_load(self, load: EngineLoad, now: float) -> bool:
@@ -241,8 +252,8 @@ class Throttle:
         values = [counters.get(u, 0.0) for u in self.scheduler.backlogged_users()]
         return max(values) - min(values) if len(values) > 1 else 0.0
 
-    def _start(self, call: Call) -> None:
-        run = Running(call, _reserve(call))
+    def _start(self, call: Call, now: float = 0.0) -> None:
+        run = Running(call, _reserve(call), last=now)
         self.running[call.request_id] = run
         self._reserved += run.reserved
 

@@ -78,6 +78,7 @@ class ThrottlerConfig:
     queue_enter: float = 2.0
     queue_leave: float = 1.0
     load_ttl_s: float = 3.0  # load reports older than this are ignored
+    running_idle_s: float = 600.0  # a running call with no token report for this long is released (lost Release)
     limits: dict = field(default_factory=dict)  # app -> {user_per_min, app_per_min, max_calls_per_interaction}
     default_user_per_min: float = 0.0  # OIT limits of apps not in `limits` (0 = unlimited)
     default_app_per_min: float = 0.0

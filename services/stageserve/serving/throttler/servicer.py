@@ -269,12 +269,17 @@ class ThrottlerServicer(throttler_pb2_grpc.ThrottlerServicer):
             out[k] = LoadReport(stage, float(kv), int(pending), float(at))
         return out
 
-    async def _periodic_sync(self, interval_s: float = 0.2) -> None:
-        """Pushes counter deltas and touches even when no Admit arrives (shared state only)."""
+    async def _periodic(self, interval_s: float = 0.2) -> None:
+        """Pushes counter deltas and touches even when no Admit arrives (shared state), and releases running
+        calls whose Release never came (`throttler.running_idle_s`), so lost calls cannot hold capacity."""
         while True:
             await asyncio.sleep(interval_s)
-            self._sync([], self.clock())
+            now = self.clock()
+            if self.shared is not None:
+                self._sync([], now)
+            self._wake(self.throttle.expire(now, self.config.throttler.running_idle_s))
+            self.throttle.take_started()
 
     def start_background(self) -> None:
-        if self.shared is not None and self._sync_task is None:
-            self._sync_task = asyncio.get_running_loop().create_task(self._periodic_sync())
+        if self._sync_task is None:
+            self._sync_task = asyncio.get_running_loop().create_task(self._periodic())

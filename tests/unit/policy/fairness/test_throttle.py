@@ -140,3 +140,13 @@ def test_fairserve_never_rejects_calm_or_mid_interaction(script: list[tuple[str,
             d = t.admit(call(f"r{serial}", "u", iid, idx + 1), now)
             assert not isinstance(d, Reject)  # a later call of an admitted interaction is never rejected
             started.append((f"r{serial}", iid, idx + 1))
+
+
+def test_running_calls_without_reports_expire_and_free_capacity() -> None:
+    t = throttle("fcfs", max_running_calls=1)
+    t.admit(call("lost"), 0.0)  # its gateway died: no report, no Release
+    t.admit(call("next"), 1.0)
+    assert t.expire(500.0, idle_s=600.0) == []
+    t.report_tokens("lost", 1, 500.0)
+    assert t.expire(1000.0, idle_s=600.0) == []  # the report kept it alive
+    assert [c.request_id for c in t.expire(1100.0, idle_s=600.0)] == ["next"] and "lost" not in t.running
