@@ -103,7 +103,7 @@ def _chat(endpoints, messages, fmt: str) -> list[int]:
     return list(out.token_ids)
 
 
-@pytest.mark.parametrize(("num_images", "fmt"), [(1, "bf16"), (3, "hack2"), (8, "hack2")])
+@pytest.mark.parametrize(("num_images", "fmt"), [(3, "hack2"), (8, "hack2")])  # 1 image: the test below
 def test_images_through_pipeline_equal_in_process(mm_pipeline, reference, num_images, fmt):
     _, endpoints = mm_pipeline
     images = [png(24 + 5 * i, 40 - 2 * i, seed=num_images * 10 + i) for i in range(num_images)]
@@ -161,6 +161,8 @@ BAD_IMAGES = {
 
 
 def test_bad_images_are_400_and_do_not_affect_a_concurrent_request(mm_pipeline, reference):
+    """Each bad image is a 400 / INVALID_ARGUMENT while a good 1-image request runs; that one still equals the
+    in-process model's output."""
     _, endpoints = mm_pipeline
     good = [{"role": "user", "content": "And this one?", "images": [png(30, 30, 77)]}]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
