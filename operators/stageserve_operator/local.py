@@ -104,6 +104,22 @@ class LocalStack:
             self.say(f"stopped {stage}-{replica.index}")
         self.write_targets()
 
+    def restart_exited(self) -> list[str]:
+        """Starts again every replica whose process has exited (what a Deployment's controller does)."""
+        restarted = []
+        for live in self.replicas.values():
+            for i, replica in enumerate(live):
+                code = replica.popen.poll()
+                if code is None:
+                    continue
+                popen = subprocess.Popen(self.argv(replica.stage, replica.index), stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+                live[i] = Replica(replica.stage, replica.index, popen)
+                name = f"{replica.stage}-{replica.index}"
+                self.say(f"{name} exited with code {code}; restarted (pid {popen.pid})")
+                restarted.append(name)
+        return restarted
+
     def write_targets(self) -> None:
         """Prometheus file_sd: one group per running replica, labelled with its stage and replica."""
         host = str(self.config.get("host", "127.0.0.1"))
@@ -178,6 +194,7 @@ class LocalOperator:
 
     def step(self, now: float) -> dict[str, int]:
         """One observe-plan-act round at wall time ``now``; returns the replicas per stage after it."""
+        self.stack.restart_exited()
         try:
             loads = self.loads()
         except PrometheusError as exc:

@@ -127,3 +127,26 @@ def test_local_resource_must_be_a_stageservedeployment(tmp_path, bad):
     path.write_text(bad)
     with pytest.raises(ValueError, match="StageServeDeployment"):
         load_resource(str(path))
+
+
+def test_an_exited_replica_is_started_again(tmp_path):
+    import os
+    import signal
+
+    config = {"host": "127.0.0.1", "prefill": {"port": free_port(), "metrics_port": free_port()}}
+    targets = str(tmp_path / "targets.json")
+    stack = LocalStack(config, parse_spec(SPEC), targets, log=open(tmp_path / "log", "w"), grace_s=3,
+                       command=lambda s, i, cfg: [sys.executable, str(STANDIN), s, cfg, str(i)])
+    try:
+        stack.scale("prefill", 2)
+        first = stack.replicas["prefill"][1].popen
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+        assert stack.restart_exited() == ["prefill-1"]
+        assert stack.replicas["prefill"][1].popen.pid != first.pid and stack.count("prefill") == 2
+        assert stack.restart_exited() == []
+        groups = json.loads(Path(targets).read_text())
+        assert [g["labels"] for g in groups] == [{"stage": "prefill", "replica": "0"},
+                                                 {"stage": "prefill", "replica": "1"}]
+    finally:
+        stack.stop_all()
