@@ -202,6 +202,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from stageserve.tools.bench_throttler import add_bench_throttler_parser
 
     add_bench_throttler_parser(bsub)
+    from stageserve.tools.bench_encoder import add_bench_encoder_parser
+
+    add_bench_encoder_parser(bsub)
     from stageserve.tools.bench_chaos import add_bench_chaos_parser
     from stageserve.tools.bench_fuzz import add_bench_fuzz_parser
 
