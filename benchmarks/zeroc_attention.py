@@ -6,7 +6,8 @@ Decode: the engine's real ``TorchAttentionBackend`` over a ``PagedKVCache`` with
 one plan per step for ``batch`` sequences of ``context`` tokens, q/k/v random; the time is the sum over all
 layers of ``step.run`` (cache write + gather + SDPA). Prefill: the same attention, one causal chunk of
 ``--prefill`` tokens per layer. Dims only matter here, so plans are uniform (R_QK, R_V) applied to the model
-shape; reps are interleaved across plans so machine load hits all of them alike. Medians are printed.
+shape; reps are interleaved across plans and timed in process CPU time (1 thread), so a shared, loaded
+machine distorts them less than wall time. Medians are printed.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def _time_layers(backend, chunks, cfg, dims, rows):
         q = torch.randn(rows, cfg.num_attention_heads, dk, generator=gen)
         k = torch.randn(rows, cfg.num_key_value_heads, dk, generator=gen)
         v = torch.randn(rows, cfg.num_key_value_heads, dv, generator=gen)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         step.run(layer, q, k, v)
-        t += time.perf_counter() - t0
+        t += time.process_time() - t0
     return t
 
 
