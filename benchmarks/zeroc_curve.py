@@ -30,6 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--skip", type=int, default=0, help="skip this many eval-half tokens first (e.g. the search set)")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--uniform", nargs="*", default=[])
@@ -41,10 +42,13 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(args.model)
     cfg = loaded.config
-    ids = corpus_split_tokens(loaded.tokenizer, DEFAULT_DATA, "eval", args.tokens)
+    ids = corpus_split_tokens(loaded.tokenizer, DEFAULT_DATA, "eval", args.skip + args.tokens)[args.skip :]
     calib = corpus_split_tokens(loaded.tokenizer, DEFAULT_DATA, "calib", args.calib_tokens)
     fmts = [None if f == "none" else f for f in args.formats]
-    print(f"model {loaded.name}; eval half, {args.tokens} tokens, windows of {args.window}; calib {args.calib_tokens}")
+    print(
+        f"model {loaded.name}; eval half, tokens [{args.skip}, {args.skip + args.tokens}), "
+        f"windows of {args.window}; calib {args.calib_tokens}"
+    )
     print("| method | plan | KV format | KV bytes/token | vs bf16 | ppl |")
     print("|---|---|---|---:|---:|---:|")
     full = page_bytes_per_token(None, cfg, "bf16")

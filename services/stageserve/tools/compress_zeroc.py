@@ -259,7 +259,7 @@ def add_parser(sub: Any) -> None:
     z.add_argument(
         "--method",
         choices=list(METHODS),
-        default="whitened",
+        default="paper",
         help="paper: orthonormal SVD bases (arXiv 2408.04107 v1); whitened: best rank-r Q·Kᵀ and V·W_o [ours]",
     )
     z.set_defaults(func=_compress_zeroc)
