@@ -36,7 +36,7 @@ from stageserve.v1 import (
 )
 
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-TIMEOUT_S = 1.5
+TIMEOUT_S = 0.5
 _INTS = [0, 1, -1, 2, 7, 255, 1 << 15, (1 << 31) - 1, -(1 << 31), (1 << 32) - 1, (1 << 63) - 1, -(1 << 63)]
 _FLOATS = [0.0, -0.0, 1.0, -1.0, 0.5, 1e30, -1e30, float("inf"), float("-inf"), float("nan"), 1e-40]
 _RANGES = {

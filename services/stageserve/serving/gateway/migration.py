@@ -225,8 +225,10 @@ def _rebase(delta: GenerateDelta, request: HttpGenerateRequest, base: int, held:
 def core_hook(core: Any) -> Migrator:
     """The Migrator for a GatewayCore (its replica sets, config and tokenizer)."""
 
-    async def refresh() -> None:
-        await asyncio.gather(core.prefill.refresh(), core.decode.refresh())
+    async def refresh() -> None:  # encoders too: a request whose encoder died re-encodes on another replica
+        encoders = getattr(core, "encoders", None)
+        extra = [encoders.refresh()] if encoders is not None and encoders.stubs else []
+        await asyncio.gather(core.prefill.refresh(), core.decode.refresh(), *extra)
 
     def has_capacity() -> bool:
         healthy = [any(x.healthy for x in rs.loads.values()) for rs in (core.prefill, core.decode)]
