@@ -6,7 +6,8 @@ checked against its sliding windows) and a mix of new interactions and continuat
 1. state backend: `--procs` client processes, each deciding batches of `--batch` calls with one Lua round
    trip (`RedisAdmission.prefetch`); also `--batch 1` for comparison. A decision's latency is the round
    trip of the batch it was in.
-2. gRPC service: a throttler process (state: redis) and `--concurrency` concurrent asyncio clients doing
+2. the servicer's decision path in-process (Throttle state machine + Redis, one flush per batch), no gRPC;
+3. gRPC service: a throttler process (state: redis) and `--concurrency` concurrent asyncio clients doing
    Admit then Release; a decision's latency is the Admit RPC's (the servicer batches concurrent Admits).
 """
 
@@ -83,6 +84,34 @@ def _stats(name: str, total: int, duration_s: float, lat: list[float]) -> dict[s
 
     return {"name": name, "decisions": total, "decisions_per_s": total / duration_s,  # type: ignore[dict-item]
             "p50_ms": pct(50), "p99_ms": pct(99)}
+
+
+def bench_servicer(url: str, batch: int, duration_s: float) -> dict[str, float]:
+    """The throttler servicer's decision path in-process (Throttle + Redis, batched flushes), without gRPC."""
+    from stageserve.serving.common.config import load_config
+    from stageserve.serving.throttler.servicer import ThrottlerServicer
+
+    cfg = load_config(overrides={"throttler": {
+        "policy": "fairserve", "state": "redis", "redis_url": url, "redis_prefix": f"bench:svc:{os.getpid()}",
+        "max_running_calls": 0, "limits": {f"app{a}": {"user_per_min": 30.0} for a in range(4)}}})
+
+    async def run() -> tuple[int, list[float]]:
+        servicer = ThrottlerServicer(cfg)
+        lat: list[float] = []
+        n = 0
+        end = time.perf_counter() + duration_s
+        while time.perf_counter() < end:
+            calls = _calls(0, n, batch)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(servicer._decide(c) for c in calls))
+            lat.extend([time.perf_counter() - t0] * batch)
+            for c in calls:
+                servicer._release(c.request_id, 64)
+            n += batch
+        return n, lat
+
+    total, lat = asyncio.run(run())
+    return _stats(f"servicer in-process, {batch} concurrent Admits", total, duration_s, lat)
 
 
 async def _grpc_clients(address: str, concurrency: int, duration_s: float) -> tuple[int, list[float]]:
@@ -175,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
         rows = [
             bench_backend(url, args.procs, args.batch, args.duration),
             bench_backend(url, args.procs, 1, args.duration),
+            bench_servicer(url, args.batch, args.duration),
             bench_grpc(url, args.concurrency, args.duration),
         ]
     finally:
