@@ -399,7 +399,7 @@ class Supervisor:
         self._write(f"[supervisor] {message}\n")
 
     # -- health
-    def _wait_healthy(self, procs: list[StageProcess], deadline: float) -> None:
+    def _wait_healthy(self, procs: list[StageProcess], deadline: float, watch_all: bool = True) -> None:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -410,7 +410,7 @@ class Supervisor:
         try:
             while pending:
                 self._raise_if_stop_requested()
-                self._raise_if_any_exited()
+                self._raise_if_any_exited(None if watch_all else procs)
                 for proc in list(pending):
                     if proc.address not in channels:
                         target = _hostport(
@@ -452,8 +452,8 @@ class Supervisor:
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
-    def _raise_if_any_exited(self) -> None:
-        dead = self.first_exited()
+    def _raise_if_any_exited(self, among: list[StageProcess] | None = None) -> None:
+        dead = self.first_exited(among)
         if dead is not None:
             if dead.reader is not None:
                 dead.reader.join(timeout=2.0)  # collect its last lines
@@ -470,9 +470,9 @@ class Supervisor:
         if self._stop_requested.is_set():
             raise StartupInterrupted("startup interrupted; stopping every stage")
 
-    def first_exited(self) -> StageProcess | None:
-        """The first child that has exited, if any."""
-        for proc in self.processes:
+    def first_exited(self, among: list[StageProcess] | None = None) -> StageProcess | None:
+        """The first child (of ``among``, default all) that has exited, if any."""
+        for proc in self.processes if among is None else among:
             if not proc.finished and proc.popen.poll() is not None:  # finished: ended on purpose (kill, stop)
                 return proc
         return None
@@ -485,9 +485,9 @@ class Supervisor:
     def kill(self, stage: str, replica: int, sig: signal.Signals = signal.SIGKILL) -> None:
         """Signals one replica's process group and reaps it (SIGKILL: a crash; SIGTERM: a graceful drain)."""
         proc = self.process(stage, replica)
+        proc.finished = True  # first: a concurrent restart's health wait must not take this death for its own
         _signal_group(proc.pid, sig)
         proc.popen.wait(timeout=60.0)
-        proc.finished = True
         self._log(f"{proc.name} (pid {proc.pid}) ended by {sig.name}")
 
     def restart(self, stage: str, replica: int) -> StageProcess:
@@ -497,7 +497,7 @@ class Supervisor:
             raise RuntimeError(f"{old.name} is still running")
         self.processes.remove(old)
         proc = self._spawn(stage, replica)
-        self._wait_healthy([proc], time.monotonic() + self.startup_timeout_s)
+        self._wait_healthy([proc], time.monotonic() + self.startup_timeout_s, watch_all=False)
         return proc
 
     # -- stop
