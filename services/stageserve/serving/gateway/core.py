@@ -29,7 +29,7 @@ from stageserve.serving.gateway.identity import ApiKeys
 from stageserve.serving.gateway.images import EncoderPool, check_images, read_image_url, tokenize_chat_images
 from stageserve.serving.gateway.limits import check_tokens
 from stageserve.serving.gateway.migration import attempt_timeout, core_hook
-from stageserve.serving.gateway.throttler_fallback import LocalTenantLimiter
+from stageserve.serving.gateway.throttler_fallback import THROTTLER_DOWN, LocalTenantLimiter
 from stageserve.serving.gateway.throttling import TokenProgress, expected_counts, forward_loads
 from stageserve.v1 import (
     common_pb2,
@@ -174,6 +174,8 @@ class GatewayCore:
             if answer.decision == throttler_pb2.AdmitResponse.QUEUED:
                 answer = await self.throttler.AwaitAdmission(throttler_pb2.AwaitRequest(request_id=request.request_id))
         except grpc.aio.AioRpcError as exc:
+            if exc.code() not in THROTTLER_DOWN:  # the throttler answered (e.g. INVALID_ARGUMENT): pass it on
+                raise classify(exc) from exc
             if self.config.gateway.throttler_failure_mode == "fail-closed":
                 raise Unavailable(f"throttler unreachable: {exc.code().name}") from exc
             self.fallback.admit(request.request_id, (request.tenant.user, request.tenant.app), exc.code().name)

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import logging
 
+import grpc
+
 from stageserve.serving.common.errors import Overloaded
 
 log = logging.getLogger("stageserve.gateway")
+# Statuses that mean the throttler is down or unreachable (anything else is its answer and is passed on).
+THROTTLER_DOWN = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+)
 
 
 class LocalTenantLimiter:
