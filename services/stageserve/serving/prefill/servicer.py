@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,7 @@ from stageserve.serving.common.server import stage_channel
 from stageserve.serving.prefill.images import EmbeddingPuller
 from stageserve.v1 import common_pb2, decode_pb2_grpc, kvpage_pb2, prefill_pb2, prefill_pb2_grpc
 
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):[0-9]{1,5}")
 log = logging.getLogger("stageserve.prefill")
 MAX_RESENDS = 2
 _END = object()
@@ -50,6 +52,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             fmt = page_format(self.engine, format_name(request.kv_format))
             if not request.decode_address:
                 raise ValueError("decode_address: required")
+            if not _HOST_PORT.fullmatch(request.decode_address):
+                raise ValueError(f"decode_address: expected host:port, got {request.decode_address[:80]!r}")
             ids = list(request.prompt_token_ids)
         except ValueError as exc:
             await abort(context, exc)
