@@ -27,6 +27,8 @@ def add_operator_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--prometheus-port", type=int, default=9090, help="local: port of the Prometheus it starts")
     p.add_argument("--tick", type=float, default=5.0, help="local: seconds between observe/plan/act rounds")
     p.add_argument("--status-file", default=None, help="local: write the status JSON here after every round")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve the operator's own metrics here (cluster default 9108; local: also scraped)")
     p.add_argument("--stages", default=None, help="local: run only these stages, e.g. prefill,decode (default: all)")
     p.add_argument("--stage-command", default=None, metavar="TEMPLATE",
                    help="local: argv of one replica with {stage} {config} {replica} placeholders "
@@ -51,7 +53,9 @@ def run_operator(args: argparse.Namespace) -> int:
     if not args.local:
         import kopf
 
-        import stageserve_operator.handlers  # noqa: F401  (registers the handlers)
+        import stageserve_operator.handlers as handlers  # registers the handlers
+
+        handlers.METRICS.serve(args.metrics_port if args.metrics_port is not None else 9108)
 
         try:
             kopf.run(standalone=True, namespaces=[args.namespace] if args.namespace else [],
@@ -69,7 +73,10 @@ def _run_local(args: argparse.Namespace) -> int:
     from stageserve_operator.local import LocalOperator, LocalStack, load_resource
     from stageserve_operator.spec import STAGE_NAMES, parse_spec
 
-    spec = load_resource(args.resource)[1] if args.resource else parse_spec(yaml.safe_load(DEFAULT_RESOURCE)["spec"])
+    if args.resource:
+        name, spec = load_resource(args.resource)
+    else:
+        name, spec = "local", parse_spec(yaml.safe_load(DEFAULT_RESOURCE)["spec"])
     config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGE_NAMES
     unknown = set(stages) - set(STAGE_NAMES)
@@ -90,7 +97,17 @@ def _run_local(args: argparse.Namespace) -> int:
             url = f"http://127.0.0.1:{args.prometheus_port}"
             print(f"[operator] started Prometheus on {url} (scraping {targets})", flush=True)
         stack = LocalStack(config, spec, targets, command=command)
-        LocalOperator(spec, stack, Prometheus(url), stages=stages, status_file=args.status_file).run(args.tick, stop)
+        metrics = None
+        if args.metrics_port is not None:
+            from stageserve_operator.adapters.exporter import OperatorMetrics
+
+            metrics = OperatorMetrics()
+            metrics.serve(args.metrics_port, addr="127.0.0.1")
+            stack.extra_targets.append({"targets": [f"127.0.0.1:{args.metrics_port}"],
+                                        "labels": {"stage": "operator"}})
+        op = LocalOperator(spec, stack, Prometheus(url), stages=stages, status_file=args.status_file,
+                           metrics=metrics, name=name)
+        op.run(args.tick, stop)
     finally:
         if prom_proc is not None:
             prom_proc.terminate()

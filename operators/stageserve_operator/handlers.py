@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 
+from stageserve_operator.adapters.exporter import OperatorMetrics
 from stageserve_operator.adapters.k8s import Kubernetes
 from stageserve_operator.adapters.prometheus import Prometheus, PrometheusError
 from stageserve_operator.reconcile import reconcile, render_status
@@ -20,6 +21,7 @@ from stageserve_operator.render import render
 from stageserve_operator.spec import GROUP, PLURAL, SCALED_STAGES, VERSION, SpecError, parse_spec
 
 TIMER_INTERVAL_S = 15.0
+METRICS = OperatorMetrics()  # served by `stageserve operator` (--metrics-port, default 9108)
 
 
 @functools.cache
@@ -45,7 +47,9 @@ def _sync(name: str, namespace: str, uid: str, spec: Any, status: Any, generatio
     now = time.time()
     result = reconcile(parsed, dict(status or {}), loads, now, _kube().gpu_nodes())
     _kube().apply_all(render(name, namespace, uid, parsed, result.replicas, result.placement))
-    patch.status.update(render_status(parsed, dict(status or {}), result, loads, now, generation))
+    new_status = render_status(parsed, dict(status or {}), result, loads, now, generation)
+    patch.status.update(new_status)
+    METRICS.record(name, new_status)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)

@@ -73,6 +73,7 @@ class LocalStack:
     grace_s: float = 5.0
     replicas: dict[str, list[Replica]] = field(default_factory=dict)
     config_path: str = ""
+    extra_targets: list[dict[str, Any]] = field(default_factory=list)  # more file_sd groups (the operator)
 
     def __post_init__(self) -> None:
         cfg = json.loads(json.dumps(self.config))  # deep copy
@@ -131,7 +132,7 @@ class LocalStack:
                 port = base if stage == "gateway" else base + REPLICA_PORT_STRIDE * r.index
                 groups.append({"targets": [f"{host}:{port}"], "labels": {"stage": stage, "replica": str(r.index)}})
         tmp = self.targets_file + ".tmp"
-        Path(tmp).write_text(json.dumps(groups))
+        Path(tmp).write_text(json.dumps(groups + self.extra_targets))
         os.replace(tmp, self.targets_file)  # atomic: Prometheus never reads half a file
 
     def _stop(self, replica: Replica) -> None:
@@ -178,6 +179,8 @@ class LocalOperator:
     stages: tuple[str, ...] = STAGE_NAMES
     status_file: str | None = None
     status: dict[str, Any] = field(default_factory=dict)
+    metrics: Any = None  # an adapters.exporter.OperatorMetrics, or None
+    name: str = "local"
 
     def start(self) -> None:
         for stage, n in current_replicas(self.spec, self.status).items():
@@ -206,6 +209,8 @@ class LocalOperator:
                 self.stack.say(f"{stage}: {self.stack.count(stage)} -> {decision.replicas} ({decision.reason})")
             self.stack.scale(stage, decision.replicas)
         self.status = render_status(self.spec, self.status, result, loads, now)
+        if self.metrics is not None:
+            self.metrics.record(self.name, self.status)
         if self.status_file:
             tmp = self.status_file + ".tmp"
             Path(tmp).write_text(json.dumps(self.status, indent=1))
@@ -225,6 +230,6 @@ def prometheus_config(targets_file: str, scrape_interval: str = "2s") -> str:
     """A Prometheus config that scrapes the local stack through the actuator's file_sd target list."""
     return yaml.safe_dump({
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-        "scrape_configs": [{"job_name": "stageserve-local",
+        "scrape_configs": [{"job_name": "stageserve-local", "honor_labels": True,  # series' own stage labels win
                             "file_sd_configs": [{"files": [targets_file], "refresh_interval": "1s"}]}],
     })

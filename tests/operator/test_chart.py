@@ -57,7 +57,7 @@ def test_gpu_cluster_values_turn_on_redis_servicemonitor_and_cluster_wide_rbac()
     sm = by_kind["ServiceMonitor"][0]
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert {r["targetLabel"] for r in sm["spec"]["endpoints"][0]["relabelings"]} == {"stage", "deployment"}
-    assert "PodMonitor" not in by_kind
+    assert [d["metadata"]["name"] for d in by_kind["PodMonitor"]] == ["demo-operator"]  # the operator's own
     ssd = by_kind["StageServeDeployment"][0]["spec"]
     assert ssd["redisUrl"] == "redis://demo-redis:6379/0" and ssd["monitoring"] == {"podMonitors": False}
     assert ssd["image"] == "registry.example.com/ml/stageserve:0.1.0-cuda"
@@ -74,10 +74,13 @@ def test_default_values_use_podmonitors_through_the_operator_and_watch_the_relea
     docs = render(CHART, {})
     ssd = next(d for d in docs if d["kind"] == "StageServeDeployment")
     assert ssd["spec"]["monitoring"] == {"podMonitors": True}
-    assert not [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")]
+    # stage PodMonitors come from the operator; the chart monitors only the operator itself
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")] == \
+        [("PodMonitor", "demo-operator")]
     op = next(d for d in docs if d["kind"] == "Deployment")
     cmd = op["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd[:2] == ["stageserve", "operator"] and cmd[-2:] == ["--namespace", "ml"]
+    assert cmd[cmd.index("--metrics-port") + 1] == "9108"
 
 
 @pytest.mark.parametrize("bad,where", [

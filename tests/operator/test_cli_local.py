@@ -34,12 +34,12 @@ def test_cli_local_runs_min_replicas_with_its_own_prometheus_and_stops_everythin
                          "stages": {"prefill": {"replicas": 2, "minReplicas": 2, "maxReplicas": 3},
                                     "decode": {"replicas": 1, "minReplicas": 1, "maxReplicas": 2}}}}
     (tmp_path / "ssd.yaml").write_text(yaml.safe_dump(resource))
-    prom_port = free_port()
+    prom_port, metrics_port = free_port(), free_port()
     status = tmp_path / "status.json"
     proc = subprocess.Popen(
         [str(STAGESERVE), "operator", "--local", "--config", str(tmp_path / "stageserve.yaml"),
          "--resource", str(tmp_path / "ssd.yaml"), "--prometheus-port", str(prom_port), "--tick", "1",
-         "--status-file", str(status), "--stages", "prefill,decode",
+         "--status-file", str(status), "--stages", "prefill,decode", "--metrics-port", str(metrics_port),
          "--stage-command", f"{sys.executable} {STANDIN} {{stage}} {{config}} {{replica}}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     ports = [config["prefill"]["port"], config["prefill"]["port"] + 10, config["decode"]["port"]]
@@ -54,6 +54,10 @@ def test_cli_local_runs_min_replicas_with_its_own_prometheus_and_stops_everythin
         assert (s["prefill"]["replicas"], s["decode"]["replicas"]) == (2, 1)  # min replicas at no load
         assert s["prefill"]["load"]["tokensPerSecond"] == 0
         assert not listening(config["prefill"]["port"] + 20)  # no third prefill without load
+        # the operator's own metrics, scraped by the same Prometheus
+        wait_for(lambda: prom.scalar('stageserve_replicas{deployment="t",stage="prefill"}') == 2, 30,
+                 what="operator metrics in Prometheus")
+        assert prom.scalar('stageserve_desired_replicas{deployment="t",stage="decode"}') == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
