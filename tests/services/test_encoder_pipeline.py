@@ -46,7 +46,7 @@ def mm_pipeline():
         prefill={"kv_cache_memory_bytes": 128 << 20},
         decode={"kv_cache_memory_bytes": 128 << 20},
     )
-    supervisor = Supervisor(config, startup_timeout_s=300.0)
+    supervisor = Supervisor(config, startup_timeout_s=600.0)  # a loaded CI box can take minutes to start 6
     endpoints = supervisor.start()
     try:
         yield config, endpoints
