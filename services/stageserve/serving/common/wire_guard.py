@@ -1,7 +1,7 @@
 """Malformed protobuf requests end as INVALID_ARGUMENT naming the problem, not as grpc's INTERNAL.
 
-grpcio answers a request it cannot deserialize (truncated bytes, invalid UTF-8 in a string field, a wrong
-wire type) with ``INTERNAL: Exception deserializing request!``. This interceptor wraps every method's
+grpc.aio answers a request it cannot deserialize (truncated bytes, invalid UTF-8 in a string field, a wrong
+wire type) with ``UNKNOWN: Unexpected DecodeError`` (sync grpc: ``INTERNAL``). This interceptor wraps every method's
 deserializer so such a request reaches the handler as a marker, which is then rejected with
 ``INVALID_ARGUMENT: request: malformed <Message>: <reason>``; for client-streaming methods the bad frame
 ends the stream the same way. Handlers never see the marker.
