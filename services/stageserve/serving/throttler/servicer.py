@@ -6,7 +6,7 @@ Load reports come from the gateway, which forwards the prefill/decode loads it p
 `gateway.load_poll_interval_s` (engines may also report directly); reports older than `load_ttl_s` are ignored.
 
 Hooks for metrics: `overloaded` (bool), `service_gap_tokens()` (max counter gap among backlogged users),
-`redis_degraded` (bool), `decision_listeners` (callables `(decision, app)` with decision in
+`redis_degraded` (bool), `decision_listeners` (callables `(decision, app, interaction_id)` with decision in
 admitted | queued | rejected), `throttle.decisions` (totals).
 """
 
@@ -80,7 +80,7 @@ class ThrottlerServicer(throttler_pb2_grpc.ThrottlerServicer):
             self.shared = RedisAdmission(state, make_admission(tcfg), tcfg.limits, tcfg.default_limits)  # type: ignore[arg-type]
             admission = self.shared
         self.throttle = Throttle(tcfg, admission, on_decision=self._decided)
-        self.decision_listeners: list[Callable[[str, str], None]] = []
+        self.decision_listeners: list[Callable[[str, str, str], None]] = []
         self.loads: dict[str, LoadReport] = {}
         self._waiters: dict[str, asyncio.Future[R]] = {}
         self._batch: list[tuple[Call, asyncio.Future[Decision]]] = []
@@ -106,7 +106,7 @@ class ThrottlerServicer(throttler_pb2_grpc.ThrottlerServicer):
     def _decided(self, call: Call, decision: Decision) -> None:
         name = "admitted" if isinstance(decision, Admit) else "queued" if isinstance(decision, Queue) else "rejected"
         for listener in self.decision_listeners:
-            listener(name, call.app)
+            listener(name, call.app, call.interaction_id)
 
     # ---- rpcs -------------------------------------------------------------------------------------
     async def Admit(self, request: throttler_pb2.AdmitRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
