@@ -175,10 +175,11 @@ def roundtrip_page(
     *lead, rows, d = k.shape
     kc, ks, km = _quantize(k.float(), -2, bits[0], None)
     k_hat = kc.float() * ks.float().unsqueeze(-2) + km.float().unsqueeze(-2)
-    g = d // v_chunk
+    dv = v.shape[-1]  # V may be narrower than K (ZeroC ranks)
+    g = dv // v_chunk
     vc, vs, vm = _quantize(v.float().reshape(*lead, rows, g, v_chunk), -1, bits[1], None)
     v_hat = vc.float() * vs.float().unsqueeze(-1) + vm.float().unsqueeze(-1)
-    return k_hat, v_hat.reshape(*lead, rows, d)
+    return k_hat, v_hat.reshape(*lead, rows, dv)
 
 
 def _fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
