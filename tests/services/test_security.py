@@ -124,3 +124,26 @@ def test_no_pickle_or_eval_on_any_input_path():
                 if _FORBIDDEN.search(code):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_whole_pipeline_over_mtls(certs):
+    """Every stage serves and calls over mutual TLS (supervisor health checks included); a plaintext or
+    certificate-less client is refused by the gateway's gRPC port."""
+    from stageserve.serving.supervisor import Supervisor, free_port_config
+    from stageserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    pki = {"enabled": True, "cert_file": str(certs / "stage.pem"), "key_file": str(certs / "stage.key"),
+           "ca_file": str(certs / "ca.pem")}
+    config = free_port_config(tls=pki, prefill={"kv_cache_memory_bytes": 64 << 20},
+                              decode={"kv_cache_memory_bytes": 64 << 20})
+    request = gateway_pb2.GenerateRequest(prompt="The capital of France is",
+                                          sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True))
+    with Supervisor(config, stages=("throttler", "decode", "prefill", "gateway"), startup_timeout_s=300.0) as sup:
+        address = sup.config.replica_address("gateway", 0)
+        with tls.sync_channel(address, sup.config.tls) as channel:
+            events = list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120))
+        assert sum(len(e.token_ids) for e in events) == 4 and events[-1].finished
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=10))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
