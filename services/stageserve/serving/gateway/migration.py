@@ -31,6 +31,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+
 from stageserve.serving.common.errors import DataLoss, StageServeError, Timeout, Unavailable
 from stageserve.serving.gateway.http import GenerateDelta, HttpGenerateRequest
 
@@ -136,6 +138,10 @@ class Migrator:
                         raise
                     migrations += 1
                     self._count(migrations)
+                    trace.get_current_span().add_event(  # marked on the request's gateway span
+                        "stageserve.migration",
+                        {"attempt": migrations, "tokens_sent": len(sent.tokens), "error": type(exc).__name__},
+                    )
                     log.warning(
                         "request %s: attempt failed (%s: %s) after %d tokens; migrating (%d/%d)",
                         request.request_id, type(exc).__name__, exc, len(sent.tokens), migrations,
