@@ -18,8 +18,16 @@ CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
 
+HOPS = {
+    "stageserve.v1.Throttler/Admit", "stageserve.v1.Prefill/Prefill", "stageserve.v1.Decode/Generate",
+    "stageserve.v1.Decode/PushKV", "kv_transfer",
+}  # fmt: skip
+
+
 def _spans(trace_dir: Path, trace_id: str, expected: set[str], timeout_s: float = 30.0) -> list[dict]:
-    """The spans of ``trace_id`` once every name in ``expected`` has been written (processes flush per span)."""
+    """The spans of ``trace_id`` once every name in ``expected | HOPS`` has been written, by both sides of each
+    RPC (processes write each span as it ends; a client span ends a moment after its call completes)."""
+    expected = expected | HOPS
     deadline = time.monotonic() + timeout_s
     while True:
         spans = []
@@ -29,7 +37,9 @@ def _spans(trace_dir: Path, trace_id: str, expected: set[str], timeout_s: float 
                     span = json.loads(line)
                     if span["trace_id"] == trace_id:
                         spans.append(span)
-        if expected <= {s["name"] for s in spans} or time.monotonic() > deadline:
+        names = [s["name"] for s in spans]
+        rpcs_done = all(names.count(n) >= 2 for n in expected if n.startswith("stageserve.v1."))
+        if (expected <= set(names) and rpcs_done) or time.monotonic() > deadline:
             return spans
         time.sleep(0.2)
 
@@ -78,8 +88,7 @@ def test_http_request_is_one_trace_across_every_process(pipeline, pipeline_trace
         text = "".join(r.iter_text())
     assert "[DONE]" in text
 
-    expected = {"POST /v1/chat/completions", "kv_transfer", "stageserve.v1.Throttler/Release"}
-    spans = _spans(pipeline_trace_dir, CLIENT_TRACE, expected | {"stageserve.v1.Decode/PushKV"})
+    spans = _spans(pipeline_trace_dir, CLIENT_TRACE, {"POST /v1/chat/completions", "stageserve.v1.Throttler/Release"})
     assert {s["service"] for s in spans} >= {f"stageserve-{s}" for s in ("gateway", "throttler", "prefill", "decode")}
     server = _one(spans, "POST /v1/chat/completions", "SERVER")
     assert server["parent_span_id"] == CLIENT_SPAN and server["attributes"]["http.response.status_code"] == 200
@@ -106,7 +115,7 @@ def test_grpc_request_continues_traceparent_from_metadata(pipeline, pipeline_tra
             assert events[-1].finish_reason
 
     asyncio.run(call())
-    spans = _spans(pipeline_trace_dir, trace_id, {"stageserve.v1.Gateway/Generate", "kv_transfer"})
+    spans = _spans(pipeline_trace_dir, trace_id, {"stageserve.v1.Gateway/Generate"})
     server = _one(spans, "stageserve.v1.Gateway/Generate", "SERVER")
     assert server["parent_span_id"] == parent and server["service"] == "stageserve-gateway"
     generation = _child(spans, server, "text_completion SmolLM2-135M-Instruct", "INTERNAL")

@@ -1,6 +1,7 @@
 """Turns on a stage process's observability: its tracer provider, its metric groups, ``stageserve_stage_info``
 and (every stage but the gateway, which serves ``GET /metrics`` on its HTTP port) the metrics HTTP server on
-``metrics_port + 10 * replica``."""
+``metrics_port + 10 * replica`` (``metrics_port: 0``: off). A metrics port that is taken is logged as an error
+and does not stop the stage."""
 
 from __future__ import annotations
 
@@ -45,9 +46,17 @@ def start(
     if stage == "encoder":
         metrics.init_encoder()
     port = metrics_port(config, stage, replica)
-    if port is not None:
+    if port is None:
+        return
+    if port == REPLICA_PORT_STRIDE * replica:  # metrics_port: 0 turns the endpoint off
+        log.info("metrics endpoint off (%s.metrics_port: 0)", stage)
+        return
+    try:
         metrics.serve(port, config.host)
-        log.info("metrics on http://%s:%d/metrics", config.host, port)
+    except OSError as exc:  # the stage still serves; only its metrics are missing, and the log says why
+        log.error("metrics NOT served: cannot listen on %s:%d (%s.metrics_port): %s", config.host, port, stage, exc)
+        return
+    log.info("metrics on http://%s:%d/metrics", config.host, port)
 
 
 def watch_throttler(servicer: Any) -> None:
