@@ -67,13 +67,16 @@ async def _loads(sup, stage: str) -> list[common_pb2.StageLoad]:
     return out
 
 
-async def _stream(sup, request, tokens: list[int], texts: list[str], metadata=()) -> common_pb2.TokenEvent:
+async def _stream(sup, request, tokens: list[int], texts: list[str], trailer=None) -> common_pb2.TokenEvent:
     async with grpc.aio.insecure_channel(sup.config.replica_address("gateway", 0)) as channel:
         last = None
-        async for event in gateway_pb2_grpc.GatewayStub(channel).Generate(request, metadata=metadata, timeout=300):
+        call = gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=300)
+        async for event in call:
             tokens += event.token_ids
             texts.append(event.text)
             last = event
+        if trailer is not None:
+            trailer.update(dict(await call.trailing_metadata() or ()))
         return last
 
 
@@ -117,9 +120,10 @@ async def _kill_when(sup, stage: str, busy, executor_kill) -> int:
 def _run_with_kill(sup, request, stage: str, after_tokens: int, busy):
     tokens: list[int] = []
     texts: list[str] = []
+    trailer: dict[str, str] = {}
 
     async def main():
-        task = asyncio.create_task(_stream(sup, request, tokens, texts))
+        task = asyncio.create_task(_stream(sup, request, tokens, texts, trailer))
         await _until(lambda: _ready(len(tokens) >= after_tokens or task.done()), 120.0, f"{after_tokens} tokens")
         assert not task.done(), "the request finished before the fault could be injected"
         killed = await _kill_when(sup, stage, busy, sup.kill)
@@ -127,6 +131,7 @@ def _run_with_kill(sup, request, stage: str, after_tokens: int, busy):
         return killed, last
 
     killed, last = asyncio.run(main())
+    assert trailer.get("x-stageserve-migrations") == "1"  # the stream really moved to the other replica
     return tokens, "".join(texts), last, killed
 
 
