@@ -13,7 +13,9 @@ encoder:   {port: 50053, metrics_port: 9103, replicas: 1}
 prefill:   {port: 50054, metrics_port: 9104, replicas: 1, dtype: float32}
 decode:    {port: 50055, metrics_port: 9105, replicas: 1, dtype: float32}
 ```
-Replica i of a stage listens on ``port + 10*i`` (metrics on ``metrics_port + 10*i``).
+Replica i of a stage listens on ``port + 10*i`` (metrics on ``metrics_port + 10*i``). The gateway finds the
+throttler/encoder/prefill/decode replicas there unless a stage sets ``endpoints: [host:port, ...]`` or
+``discovery: dns`` + ``service: <headless Service DNS name>`` (Kubernetes; see serving/common/discovery.py).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class GatewayConfig:
     allow_remote_images: bool = False  # fetch http(s) image_url parts (else 400); data: URLs always work
     remote_image_timeout_s: float = 5.0
     image_routing: str = "least-pending"  # least-pending (image tokens) | round-robin
+    discovery_interval_s: float = 5.0  # re-resolve `discovery: dns` stages at most this often (common/discovery.py)
 
     def __post_init__(self) -> None:
         if self.max_migrations < 0:
@@ -88,6 +91,9 @@ class ThrottlerConfig:
     w_sys: float = 1.0
     w_out: float = 2.0
     weights: dict = field(default_factory=dict)  # user -> weight (vtc, fairserve)
+    endpoints: list = field(default_factory=list)  # explicit host:port replicas (static setups; overrides host/port)
+    discovery: str = "static"  # static (host, port + 10*i / endpoints) | dns (every IP of `service`, on `port`)
+    service: str = ""  # discovery: dns -> a headless Service's DNS name, e.g. llm-prefill.default.svc
 
     def __post_init__(self) -> None:
         if self.policy not in ("always-admit", "fcfs", "rpm", "vtc", "fairserve"):
@@ -118,6 +124,9 @@ class EncoderConfig:
     max_image_side: int = 4096
     max_batch_tiles: int = 32  # tiles per vision forward pass
     embedding_ttl_s: float = 120.0  # encoded embeddings nobody fetched are dropped after this
+    endpoints: list = field(default_factory=list)  # explicit host:port replicas (static setups; overrides host/port)
+    discovery: str = "static"  # static (host, port + 10*i / endpoints) | dns (every IP of `service`, on `port`)
+    service: str = ""  # discovery: dns -> a headless Service's DNS name, e.g. llm-prefill.default.svc
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,9 @@ class EngineStageConfig:
     enable_prefix_caching: bool = True
     link_rate_gbps: float = 0.0  # prefill only: emulate a slower link to decode (0 = no limit)
     stream_kv_layerwise: bool = True  # prefill only: send each page as produced (False: after the forward pass)
+    endpoints: list = field(default_factory=list)  # explicit host:port replicas (static setups; overrides host/port)
+    discovery: str = "static"  # static (host, port + 10*i / endpoints) | dns (every IP of `service`, on `port`)
+    service: str = ""  # discovery: dns -> a headless Service's DNS name, e.g. llm-prefill.default.svc
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,8 @@ class StageServeConfig:
         for stage in ("encoder", "prefill", "decode"):
             if getattr(self, stage).replicas < 1:
                 raise ConfigError(f"{stage}.replicas: must be >= 1")
+        for stage in ("throttler", "encoder", "prefill", "decode"):
+            _check_discovery(stage, getattr(self, stage))
 
     def replica_port(self, stage: str, index: int) -> int:
         base = self.gateway.grpc_port if stage == "gateway" else getattr(self, stage).port
@@ -180,6 +194,17 @@ class StageServeConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _check_discovery(stage: str, cfg: Any) -> None:
+    if cfg.discovery not in ("static", "dns"):
+        raise ConfigError(f"{stage}.discovery: must be static or dns, got {cfg.discovery!r}")
+    if cfg.discovery == "dns" and not cfg.service:
+        raise ConfigError(f"{stage}.service: required with discovery: dns (a headless Service's DNS name)")
+    for i, endpoint in enumerate(cfg.endpoints):
+        host, sep, port = str(endpoint).rpartition(":")
+        if not (isinstance(endpoint, str) and sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"{stage}.endpoints[{i}]: expected host:port, got {endpoint!r}")
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> StageServeConfig:

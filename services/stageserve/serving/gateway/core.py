@@ -21,6 +21,7 @@ from stageserve.policy.routing.kv_format import negotiate
 from stageserve.policy.routing.least_loaded import ReplicaLoad, pick_least_loaded
 from stageserve.serving.common.config import StageServeConfig
 from stageserve.serving.common.convert import FORMAT_IDS, FORMAT_NAMES, sampling_to_proto
+from stageserve.serving.common.discovery import Discovery
 from stageserve.serving.common.errors import Overloaded, Unavailable, classify
 from stageserve.serving.common.multimodal import stage_multimodal_config
 from stageserve.serving.common.server import stage_channel
@@ -29,6 +30,7 @@ from stageserve.serving.gateway.identity import ApiKeys
 from stageserve.serving.gateway.images import EncoderPool, check_images, read_image_url, tokenize_chat_images
 from stageserve.serving.gateway.limits import check_tokens
 from stageserve.serving.gateway.migration import attempt_timeout, core_hook
+from stageserve.serving.gateway.rediscover import rediscover, throttler_target
 from stageserve.serving.gateway.throttler_fallback import THROTTLER_DOWN, LocalTenantLimiter
 from stageserve.serving.gateway.throttling import TokenProgress, expected_counts, forward_loads
 from stageserve.v1 import (
@@ -54,14 +56,31 @@ class ReplicaSet:
         self.formats: dict[str, set[str]] = {a: set() for a in addresses}
         self.raw: dict[str, common_pb2.StageLoad] = {}
         self._turn = 0
+        self._stub_cls = stub_cls
+
+    def sync(self, addresses: list[str]) -> None:
+        """Discovery changed the replica list: new ones get stubs (unhealthy until polled), gone ones are dropped
+        (calls already in flight keep their channel)."""
+        for a in set(self.stubs) - set(addresses):
+            for table in (self.stubs, self.loads, self.formats, self.raw):
+                table.pop(a, None)
+        for a in addresses:
+            if a not in self.stubs:
+                self.stubs[a] = self._stub_cls(stage_channel(a))
+                self.loads[a] = ReplicaLoad(a, 0, 0, 0.0, 0.0, healthy=False)
+                self.formats[a] = set()
 
     async def refresh(self) -> None:
-        await asyncio.gather(*(self._refresh_one(a) for a in self.stubs))
+        await asyncio.gather(*(self._refresh_one(a) for a in list(self.stubs)))
 
     async def _refresh_one(self, address: str) -> None:
         try:
             load = await self.stubs[address].GetLoad(common_pb2.LoadRequest(), timeout=2.0)
         except grpc.aio.AioRpcError:
+            load = None
+        if address not in self.stubs:  # dropped by discovery while polling
+            return
+        if load is None:
             self.loads[address] = ReplicaLoad(address, 0, 0, 0.0, time.monotonic(), healthy=False)
             return
         self.loads[address] = ReplicaLoad(
@@ -89,10 +108,11 @@ class GatewayCore:
         self.tokenizer = tokenizer
         self.model_name = model.name
         self.max_context = model.max_position_embeddings
-        self.prefill = ReplicaSet("prefill", config.addresses("prefill"), prefill_pb2_grpc.PrefillStub)
-        self.decode = ReplicaSet("decode", config.addresses("decode"), decode_pb2_grpc.DecodeStub)
-        channel = stage_channel(config.replica_address("throttler", 0))
-        self.throttler = throttler_pb2_grpc.ThrottlerStub(channel)
+        self.discovery = Discovery(config)  # static addresses, or re-resolved DNS (common/discovery.py)
+        self.prefill = ReplicaSet("prefill", self.discovery.addresses("prefill"), prefill_pb2_grpc.PrefillStub)
+        self.decode = ReplicaSet("decode", self.discovery.addresses("decode"), decode_pb2_grpc.DecodeStub)
+        self.throttler_address = throttler_target(config, self.discovery)
+        self.throttler = throttler_pb2_grpc.ThrottlerStub(stage_channel(self.throttler_address))
         self._poller: asyncio.Task[None] | None = None
         self.migrator = core_hook(self)  # re-dispatch after stage failures; .stats: counters for metrics
         self.fallback = LocalTenantLimiter(config.gateway.local_tenant_max_inflight)
@@ -101,12 +121,14 @@ class GatewayCore:
         self.encoders = EncoderPool(config, self.mm)  # hop 3, only for requests with images (gateway/images.py)
 
     async def start(self) -> None:
+        await rediscover(self, time.monotonic())
         await asyncio.gather(self.prefill.refresh(), self.decode.refresh(), self.encoders.refresh())
         self._poller = asyncio.create_task(self._poll())
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.config.gateway.load_poll_interval_s)
+            await rediscover(self, time.monotonic())
             await asyncio.gather(self.prefill.refresh(), self.decode.refresh(), self.encoders.refresh())
             if self.config.gateway.report_loads:
                 await forward_loads(self.throttler, (self.prefill, self.decode))

@@ -24,6 +24,7 @@ from stageserve.models.multimodal import (
 )
 from stageserve.policy.routing.images import assign_least_pending, assign_round_robin
 from stageserve.serving.common.config import StageServeConfig
+from stageserve.serving.common.discovery import stage_addresses
 from stageserve.serving.common.errors import BadRequest, Unavailable, classify
 from stageserve.serving.common.server import stage_channel
 from stageserve.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc, gateway_pb2
@@ -126,19 +127,34 @@ class EncoderPool:
         self.mm = mm
         self.routing = config.gateway.image_routing
         self.timeout_s = config.gateway.request_timeout_s
-        self.stubs = {a: encoder_pb2_grpc.EncoderStub(stage_channel(a)) for a in config.addresses("encoder")}
-        self.pending: dict[str, int] = {a: 0 for a in self.stubs}
-        self.healthy: dict[str, bool] = {a: False for a in self.stubs}
-        self.reported_at: dict[str, float] = {a: 0.0 for a in self.stubs}
+        self.stubs: dict[str, Any] = {}
+        self.pending: dict[str, int] = {}
+        self.healthy: dict[str, bool] = {}
+        self.reported_at: dict[str, float] = {}
+        self.sync(stage_addresses(config, "encoder"))  # dns discovery: filled by gateway/rediscover.py
         self._turn = 0
 
+    def sync(self, addresses: list[str]) -> None:
+        """New encoder replicas get stubs (unhealthy until polled); vanished ones are dropped."""
+        for a in set(self.stubs) - set(addresses):
+            for table in (self.stubs, self.pending, self.healthy, self.reported_at):
+                table.pop(a, None)
+        for a in addresses:
+            if a not in self.stubs:
+                self.stubs[a] = encoder_pb2_grpc.EncoderStub(stage_channel(a))
+                self.pending[a], self.healthy[a], self.reported_at[a] = 0, False, 0.0
+
     async def refresh(self) -> None:
-        await asyncio.gather(*(self._refresh_one(a) for a in self.stubs))
+        await asyncio.gather(*(self._refresh_one(a) for a in list(self.stubs)))
 
     async def _refresh_one(self, address: str) -> None:
         try:
             load = await self.stubs[address].GetLoad(common_pb2.LoadRequest(), timeout=2.0)
         except grpc.aio.AioRpcError:
+            load = None
+        if address not in self.stubs:  # dropped by discovery while polling
+            return
+        if load is None:
             self.healthy[address] = False
             return
         self.healthy[address] = True
@@ -183,8 +199,9 @@ class EncoderPool:
                 call.cancel()
             raise classify(exc) from exc
         handles: list[encoder_pb2.EmbeddingHandle | None] = [None] * len(images)
-        for idx, answer in zip(groups.values(), answers, strict=True):
+        for (address, idx), answer in zip(groups.items(), answers, strict=True):
             for i, handle in zip(idx, answer.handles, strict=True):
+                handle.encoder_address = address  # where prefill reaches it (the encoder may bind 0.0.0.0)
                 if handle.num_tokens != counts[i]:
                     raise RuntimeError(f"image {i}: encoder made {handle.num_tokens} tokens, estimate {counts[i]}")
                 handles[i] = handle
