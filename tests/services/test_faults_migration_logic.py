@@ -110,3 +110,19 @@ def test_seed_offset_resumes_a_seeded_generator(llm):
     without = llm.generate([prompt + full[:g]], SamplingParams(max_tokens=12 - g, temperature=0.9, seed=77,
                                                                 ignore_eos=True))[0].outputs[0].token_ids
     assert without != full[g:]  # the offset is what makes it line up
+
+
+def test_fail_open_limits_each_tenant_locally():
+    from stageserve.serving.common.errors import Overloaded
+    from stageserve.serving.gateway.throttler_fallback import LocalTenantLimiter
+
+    limiter = LocalTenantLimiter(2)
+    limiter.admit("a1", ("alice", "app"), "UNAVAILABLE")
+    limiter.admit("a2", ("alice", "app"), "UNAVAILABLE")
+    limiter.admit("b1", ("bob", "app"), "UNAVAILABLE")  # another tenant is not affected
+    with pytest.raises(Overloaded, match="alice/app is at its local limit of 2") as info:
+        limiter.admit("a3", ("alice", "app"), "UNAVAILABLE")
+    assert info.value.retry_after_s == 1.0
+    assert limiter.release("a1") and not limiter.release("throttler-admitted")
+    limiter.admit("a3", ("alice", "app"), "UNAVAILABLE")
+    assert limiter.fallback_admissions == 4
