@@ -119,7 +119,10 @@ class Migrator:
     stats: MigrationStats = dataclasses.field(default_factory=MigrationStats)
 
     async def run(self, request: HttpGenerateRequest, attempt: Attempt) -> AsyncIterator[GenerateDelta]:
-        token = REQUEST_DEADLINE.set(REQUEST_DEADLINE.get() or time.monotonic() + self.timeout_s)
+        # An async generator may be closed from another task's context, where ContextVar.reset(token) raises;
+        # restoring the previous value works from any context.
+        previous = REQUEST_DEADLINE.get()
+        REQUEST_DEADLINE.set(previous or time.monotonic() + self.timeout_s)
         sent = _Sent()
         current, migrations, exact = request, 0, False
         try:
@@ -154,7 +157,7 @@ class Migrator:
                 else:
                     current = replay_request(request, sent.tokens, migrations)
         finally:
-            REQUEST_DEADLINE.reset(token)
+            REQUEST_DEADLINE.set(previous)
 
     def _can_regenerate(self, request: HttpGenerateRequest, sent: _Sent) -> bool:
         deterministic = request.params.greedy or request.params.seed is not None
