@@ -26,6 +26,7 @@ from stageserve_operator.spec import (
 CONFIG_PATH = "/etc/stageserve/stageserve.yaml"
 STAGE_LABEL = "stageserve.io/stage"
 DEPLOYMENT_LABEL = "stageserve.io/deployment"
+DISCOVERED_STAGES = ("throttler", "encoder", "prefill", "decode")  # the gateway resolves these by DNS
 
 
 def labels(name: str, stage: str) -> dict[str, str]:
@@ -49,11 +50,21 @@ def owner_reference(name: str, uid: str) -> dict[str, Any]:
             "controller": True, "blockOwnerDeletion": True}
 
 
-def stage_config(spec: DeploymentSpec, stage: str) -> str:
-    """The ``stageserve.yaml`` a pod of ``stage`` reads (serving config format, bound on all interfaces)."""
+def service_dns(name: str, namespace: str, stage: str) -> str:
+    """The DNS name of a stage's Service (headless for the discovered stages: it resolves to the ready pods)."""
+    return f"{name}-{stage}.{namespace}.svc"
+
+
+def stage_config(spec: DeploymentSpec, stage: str, name: str = "", namespace: str = "") -> str:
+    """The ``stageserve.yaml`` a pod of ``stage`` reads (serving config format, bound on all interfaces). With
+    ``name``/``namespace``, every stage behind the gateway is found by DNS (``discovery: dns`` of its headless
+    Service, re-resolved by the gateway), since each stage runs in its own pods."""
     doc: dict[str, Any] = {"model": spec.model or None, "host": "0.0.0.0", "kv_format": spec.kv_format}
+    if name:
+        for peer in DISCOVERED_STAGES:
+            doc[peer] = {"port": STAGE_PORTS[peer], "discovery": "dns", "service": service_dns(name, namespace, peer)}
     if stage == "throttler" and spec.fairness.get("policy"):
-        doc["throttler"] = {"policy": spec.fairness["policy"]}
+        doc.setdefault("throttler", {})["policy"] = spec.fairness["policy"]
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -87,7 +98,7 @@ def _meta(name: str, namespace: str, stage: str, owner: list[dict[str, Any]], su
 
 def _config_map(name: str, ns: str, stage: str, spec: DeploymentSpec, owner: list) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, ns, stage, owner, "-config"),
-            "data": {"stageserve.yaml": stage_config(spec, stage)}}
+            "data": {"stageserve.yaml": stage_config(spec, stage, name, ns)}}
 
 
 def _ports(stage: str) -> list[dict[str, Any]]:
@@ -102,8 +113,8 @@ def _ports(stage: str) -> list[dict[str, Any]]:
 def _service(name: str, ns: str, stage: str, owner: list) -> dict[str, Any]:
     ports = [{**p, "targetPort": p["name"]} for p in _ports(stage)]
     spec: dict[str, Any] = {"selector": selector(name, stage), "ports": ports}
-    if stage != "gateway":
-        spec["clusterIP"] = "None"  # the gateway addresses each replica
+    if stage in DISCOVERED_STAGES:
+        spec["clusterIP"] = "None"  # headless: the name resolves to every ready pod (the gateway's discovery)
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, ns, stage, owner), "spec": spec}
 
 

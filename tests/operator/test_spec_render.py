@@ -107,8 +107,13 @@ def test_render_deployments_carry_replicas_gpus_probes_and_placement():
     gw = dep["demo-gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in gw["resources"].get("limits", {})
     cm = next(o for o in objs if o["metadata"]["name"] == "demo-throttler-config")
-    assert yaml.safe_load(cm["data"]["stageserve.yaml"]) == {"model": "/models/internvl.gguf", "host": "0.0.0.0",
-                                                             "kv_format": "hack2", "throttler": {"policy": "oit"}}
+    assert yaml.safe_load(cm["data"]["stageserve.yaml"]) == {
+        "model": "/models/internvl.gguf", "host": "0.0.0.0", "kv_format": "hack2",
+        "throttler": {"port": 50052, "discovery": "dns", "service": "demo-throttler.ml.svc", "policy": "oit"},
+        "encoder": {"port": 50053, "discovery": "dns", "service": "demo-encoder.ml.svc"},
+        "prefill": {"port": 50054, "discovery": "dns", "service": "demo-prefill.ml.svc"},
+        "decode": {"port": 50055, "discovery": "dns", "service": "demo-decode.ml.svc"},
+    }
     pm = next(o for o in objs if o["kind"] == "PodMonitor" and o["metadata"]["name"] == "demo-prefill")
     labels = {r["targetLabel"] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
     assert labels == {"stage", "deployment"}
