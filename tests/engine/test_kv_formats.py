@@ -59,7 +59,7 @@ def test_closed_pages_are_quantized_once_and_never_rewritten(make_llm):
     assert snapshot is not None
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "hack-k4v2"])
+@pytest.mark.parametrize("fmt", ["fp8", "hack-k4v2", "hack2r"])
 def test_generation_runs_with_every_format(make_llm, fmt):
     llm = make_llm(num_kv_blocks=64, kv_format=fmt)
     out = llm.generate(corpus_tokens(llm.tokenizer, WIKITEXT, 80), SamplingParams(max_tokens=70, ignore_eos=True))

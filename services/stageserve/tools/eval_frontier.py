@@ -6,9 +6,11 @@ Two scorers give the perplexity of a cache configuration:
   cache (the served path; 1 step per token, slow on CPU).
 * ``teacher``: one forward pass per window through :class:`TeacherForcedPages`, which gives query t exactly
   the cache that decode step t sees: key j is read quantized iff its page [S + iΠ, S + (i+1)Π) had closed
-  before step t (its end ≤ t), and BF16 otherwise (sinks, the open block, the page t completes). K/V of
-  token j are those of token j's own forward, as in the cache, so both scorers agree to float rounding
-  (checked in tests/engine/test_kv_accuracy.py); ``teacher`` is ~100× faster and is used for the search.
+  before step t (its end ≤ t), and BF16 otherwise (sinks, the open block, the page t completes); closed pages
+  hold the dequantized values rounded to BF16, as the cache stores them. K/V of token j are those of token
+  j's own forward, as in the cache, so both scorers differ only by float rounding, which can flip a 2-bit
+  code at a rounding boundary (checked in tests/engine/test_kv_accuracy.py); ``teacher`` is one forward
+  pass per window instead of one engine step per token and is used for the search.
 
 Bytes come from ``PageFormat`` (steady state: closed pages only; and the wire bytes of a 1K-token prompt).
 """
@@ -67,7 +69,8 @@ class TeacherForcedPages:
         kq, vq = kb.clone(), vb.clone()
         if self.num_pages:
             s, e = self.num_sinks, self.q_end
-            kq[:, s:e], vq[:, s:e] = self.roundtrip(layer, kb[:, s:e], vb[:, s:e])
+            k_hat, v_hat = self.roundtrip(layer, kb[:, s:e], vb[:, s:e])
+            kq[:, s:e], vq[:, s:e] = k_hat.to(torch.bfloat16).float(), v_hat.to(torch.bfloat16).float()  # as stored
         group = q.shape[1] // k.shape[1]
         kb, vb, kq, vq = (x.repeat_interleave(group, 0) for x in (kb, vb, kq, vq))
         qh = q.float().transpose(0, 1)  # [Hq, n, d]
