@@ -18,7 +18,7 @@ from .manifests import crd, crd_schema, validate_resource
 SPEC = {
     "model": "/models/internvl.gguf",
     "kvFormat": "hack2",
-    "fairness": {"policy": "oit"},
+    "fairness": {"policy": "fairserve"},
     "slo": {"ttftP99": 2.0, "itlP99": 0.1},
     "autoscaling": {"replanIntervalSeconds": 300, "scaleDownWindowSeconds": 900, "cooldownSeconds": 60},
     "monitoring": {"podMonitors": True},
@@ -109,7 +109,7 @@ def test_render_deployments_carry_replicas_gpus_probes_and_placement():
     cm = next(o for o in objs if o["metadata"]["name"] == "demo-throttler-config")
     assert yaml.safe_load(cm["data"]["stageserve.yaml"]) == {
         "model": "/models/internvl.gguf", "host": "0.0.0.0", "kv_format": "hack2",
-        "throttler": {"port": 50052, "discovery": "dns", "service": "demo-throttler.ml.svc", "policy": "oit"},
+        "throttler": {"port": 50052, "discovery": "dns", "service": "demo-throttler.ml.svc", "policy": "fairserve"},
         "encoder": {"port": 50053, "discovery": "dns", "service": "demo-encoder.ml.svc"},
         "prefill": {"port": 50054, "discovery": "dns", "service": "demo-prefill.ml.svc"},
         "decode": {"port": 50055, "discovery": "dns", "service": "demo-decode.ml.svc"},
