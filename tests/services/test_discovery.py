@@ -16,8 +16,8 @@ from stageserve.serving.common.config import load_config
 from stageserve.serving.common.convert import FORMAT_IDS
 from stageserve.serving.common.discovery import Discovery
 from stageserve.serving.common.errors import Unavailable
-from stageserve.serving.gateway.core import ReplicaSet
 from stageserve.serving.gateway.rediscover import rediscover
+from stageserve.serving.gateway.replicas import ReplicaSet
 from stageserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 PODS = ("127.0.0.2", "127.0.0.3")

@@ -9,7 +9,6 @@ import grpc
 import httpx
 import openai
 import pytest
-from tests.conftest import PROMPTS
 
 from stageserve.engine import LLM, SamplingParams
 from stageserve.kvcodec import wire
@@ -23,6 +22,7 @@ from stageserve.v1 import (
     kvpage_pb2,
     prefill_pb2_grpc,
 )
+from tests.conftest import PROMPTS
 
 FORMATS = ("bf16", "fp8", "hack2", "hack-k4v2")
 

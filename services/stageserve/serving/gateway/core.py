@@ -18,9 +18,8 @@ import grpc
 
 from stageserve.models.config import ModelConfig
 from stageserve.policy.routing.kv_format import negotiate
-from stageserve.policy.routing.least_loaded import ReplicaLoad, pick_least_loaded
 from stageserve.serving.common.config import StageServeConfig
-from stageserve.serving.common.convert import FORMAT_IDS, FORMAT_NAMES, sampling_to_proto
+from stageserve.serving.common.convert import FORMAT_IDS, sampling_to_proto
 from stageserve.serving.common.discovery import Discovery
 from stageserve.serving.common.errors import Overloaded, Unavailable, classify
 from stageserve.serving.common.multimodal import stage_multimodal_config
@@ -31,6 +30,7 @@ from stageserve.serving.gateway.images import EncoderPool, check_images, read_im
 from stageserve.serving.gateway.limits import check_tokens
 from stageserve.serving.gateway.migration import attempt_timeout, core_hook
 from stageserve.serving.gateway.rediscover import rediscover, throttler_target
+from stageserve.serving.gateway.replicas import ReplicaSet
 from stageserve.serving.gateway.throttler_fallback import THROTTLER_DOWN, LocalTenantLimiter
 from stageserve.serving.gateway.throttling import TokenProgress, expected_counts, forward_loads
 from stageserve.v1 import (
@@ -44,62 +44,6 @@ from stageserve.v1 import (
 )
 
 log = logging.getLogger("stageserve.gateway")
-
-
-class ReplicaSet:
-    """The replicas of one stage with their latest load reports."""
-
-    def __init__(self, stage: str, addresses: list[str], stub_cls: Any) -> None:
-        self.stage = stage
-        self.stubs = {a: stub_cls(stage_channel(a)) for a in addresses}
-        self.loads = {a: ReplicaLoad(a, 0, 0, 0.0, 0.0, healthy=False) for a in addresses}
-        self.formats: dict[str, set[str]] = {a: set() for a in addresses}
-        self.raw: dict[str, common_pb2.StageLoad] = {}
-        self._turn = 0
-        self._stub_cls = stub_cls
-
-    def sync(self, addresses: list[str]) -> None:
-        """Discovery changed the replica list: new ones get stubs (unhealthy until polled), gone ones are dropped
-        (calls already in flight keep their channel)."""
-        for a in set(self.stubs) - set(addresses):
-            for table in (self.stubs, self.loads, self.formats, self.raw):
-                table.pop(a, None)
-        for a in addresses:
-            if a not in self.stubs:
-                self.stubs[a] = self._stub_cls(stage_channel(a))
-                self.loads[a] = ReplicaLoad(a, 0, 0, 0.0, 0.0, healthy=False)
-                self.formats[a] = set()
-
-    async def refresh(self) -> None:
-        await asyncio.gather(*(self._refresh_one(a) for a in list(self.stubs)))
-
-    async def _refresh_one(self, address: str) -> None:
-        try:
-            load = await self.stubs[address].GetLoad(common_pb2.LoadRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            load = None
-        if address not in self.stubs:  # dropped by discovery while polling
-            return
-        if load is None:
-            self.loads[address] = ReplicaLoad(address, 0, 0, 0.0, time.monotonic(), healthy=False)
-            return
-        self.loads[address] = ReplicaLoad(
-            address, load.pending_tokens, load.num_running, load.kv_cache_usage, time.monotonic()
-        )
-        self.raw[address] = load  # forwarded to the throttler (gateway/throttling.py)
-        self.formats[address] = {FORMAT_NAMES[f] for f in load.kv_formats if f in FORMAT_NAMES}
-
-    def pick(self, tokens: int) -> str:
-        self._turn += 1
-        try:
-            address = pick_least_loaded(list(self.loads.values()), time.monotonic(), self._turn)
-        except LookupError:
-            raise Unavailable(f"no healthy {self.stage} replica") from None
-        old = self.loads[address]  # count the request locally until the next report
-        self.loads[address] = ReplicaLoad(
-            address, old.pending_tokens + tokens, old.num_running + 1, old.kv_cache_usage, old.reported_at
-        )
-        return address
 
 
 class GatewayCore:

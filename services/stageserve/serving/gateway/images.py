@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import time
 from typing import Any
 
 import grpc
@@ -26,8 +25,8 @@ from stageserve.policy.routing.images import assign_least_pending, assign_round_
 from stageserve.serving.common.config import StageServeConfig
 from stageserve.serving.common.discovery import stage_addresses
 from stageserve.serving.common.errors import BadRequest, Unavailable, classify
-from stageserve.serving.common.server import stage_channel
-from stageserve.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc, gateway_pb2
+from stageserve.serving.gateway.replicas import ReplicaSet
+from stageserve.v1 import encoder_pb2, encoder_pb2_grpc, gateway_pb2
 
 
 # ---- image sources ----------------------------------------------------------------------------------------
@@ -127,52 +126,36 @@ class EncoderPool:
         self.mm = mm
         self.routing = config.gateway.image_routing
         self.timeout_s = config.gateway.request_timeout_s
-        self.stubs: dict[str, Any] = {}
-        self.pending: dict[str, int] = {}
-        self.healthy: dict[str, bool] = {}
-        self.reported_at: dict[str, float] = {}
-        self.sync(stage_addresses(config, "encoder"))  # dns discovery: filled by gateway/rediscover.py
+        self.replicas = ReplicaSet(
+            "encoder",
+            stage_addresses(config, "encoder"),  # dns discovery: filled by gateway/rediscover.py
+            encoder_pb2_grpc.EncoderStub,
+            pending_of=lambda load: int(load.pending_image_tokens),
+        )
         self._turn = 0
 
+    @property
+    def stubs(self) -> dict[str, Any]:
+        return self.replicas.stubs
+
     def sync(self, addresses: list[str]) -> None:
-        """New encoder replicas get stubs (unhealthy until polled); vanished ones are dropped."""
-        for a in set(self.stubs) - set(addresses):
-            for table in (self.stubs, self.pending, self.healthy, self.reported_at):
-                table.pop(a, None)
-        for a in addresses:
-            if a not in self.stubs:
-                self.stubs[a] = encoder_pb2_grpc.EncoderStub(stage_channel(a))
-                self.pending[a], self.healthy[a], self.reported_at[a] = 0, False, 0.0
+        self.replicas.sync(addresses)
 
     async def refresh(self) -> None:
-        await asyncio.gather(*(self._refresh_one(a) for a in list(self.stubs)))
-
-    async def _refresh_one(self, address: str) -> None:
-        try:
-            load = await self.stubs[address].GetLoad(common_pb2.LoadRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError:
-            load = None
-        if address not in self.stubs:  # dropped by discovery while polling
-            return
-        if load is None:
-            self.healthy[address] = False
-            return
-        self.healthy[address] = True
-        self.pending[address] = int(load.pending_image_tokens)
-        self.reported_at[address] = time.monotonic()
+        await self.replicas.refresh()
 
     def assign(self, counts: list[int]) -> list[str]:
-        live = [a for a in self.stubs if self.healthy[a]]
+        live = self.replicas.healthy()
         try:
             if self.routing == "round-robin":
                 picks = assign_round_robin(len(counts), live, self._turn)
                 self._turn += len(counts)
             else:
-                picks = assign_least_pending(counts, {a: self.pending[a] for a in live})
+                picks = assign_least_pending(counts, {a: self.replicas.loads[a].pending_tokens for a in live})
         except LookupError:
             raise Unavailable("no healthy encoder replica") from None
         for address, n in zip(picks, counts, strict=True):  # count them locally until the next report
-            self.pending[address] += n
+            self.replicas.add_pending(address, n)
         return picks
 
     async def encode(
