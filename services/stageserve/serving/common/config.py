@@ -8,7 +8,7 @@ model: null            # HF directory or .gguf; null = embedded SmolLM2-135M-Ins
 host: 127.0.0.1
 kv_format: auto        # auto | bf16 | fp8 | hack4 | hack-k4v2 | hack2 | kivi2  (auto: negotiated, see kv_format.py)
 gateway:   {http_port: 8000, grpc_port: 50051}
-throttler: {port: 50052, metrics_port: 9102, policy: always-admit}
+throttler: {port: 50052, metrics_port: 9102, policy: fairserve}
 encoder:   {port: 50053, metrics_port: 9103, replicas: 1}
 prefill:   {port: 50054, metrics_port: 9104, replicas: 1, dtype: float32}
 decode:    {port: 50055, metrics_port: 9105, replicas: 1, dtype: float32}
@@ -69,7 +69,7 @@ class GatewayConfig:
 class ThrottlerConfig:
     port: int = 50052
     metrics_port: int = 9102
-    policy: str = "always-admit"  # always-admit | fcfs | rpm | vtc | fairserve (OIT admission + WSC order)
+    policy: str = "fairserve"  # always-admit | fcfs | rpm | vtc | fairserve (OIT admission + WSC order)
     state: str = "embedded"  # embedded | redis (replicas share counters, windows and loads)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "stageserve:throttler"
