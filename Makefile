@@ -15,7 +15,7 @@ run: install
 
 # pytest exit code 5 (no tests collected) is a failure here, never a silent pass.
 test: install lint
-	@$(PY) -m pytest -q tests; rc=$$?; \
+	@$(PY) -m pytest -q --durations=25 tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install
