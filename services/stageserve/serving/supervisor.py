@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from stageserve.serving.common.config import (
+    KV_FORMATS,
     REPLICA_PORT_STRIDE,
     STAGES,
     ConfigError,
@@ -647,7 +648,7 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p = subparsers.add_parser("up", help="run every stage as its own process on this machine")
     p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
     p.add_argument("--replicas", default=None, help="replicas per stage, e.g. prefill=2,decode=2")
-    p.add_argument("--kv-format", default=None, choices=["auto", "bf16", "fp8"], help="KV page format on the wire")
+    p.add_argument("--kv-format", default=None, choices=list(KV_FORMATS), help="KV page format on the wire")
     p.add_argument("--host", default=None, help="address every stage binds (default from config: 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None, help="gateway OpenAI HTTP port (default 8000)")
     p.add_argument("--base-port-offset", type=int, default=0, metavar="N", help="add N to every port")
