@@ -24,6 +24,7 @@ from stageserve_operator.spec import (
 )
 
 CONFIG_PATH = "/etc/stageserve/stageserve.yaml"
+TLS_DIR = "/etc/stageserve/tls"  # the spec.tls Secret (tls.crt, tls.key, ca.crt) in every stage pod
 STAGE_LABEL = "stageserve.io/stage"
 DEPLOYMENT_LABEL = "stageserve.io/deployment"
 DISCOVERED_STAGES = ("throttler", "encoder", "prefill", "decode")  # the gateway resolves these by DNS
@@ -65,7 +66,16 @@ def stage_config(spec: DeploymentSpec, stage: str, name: str = "", namespace: st
             doc[peer] = {"port": STAGE_PORTS[peer], "discovery": "dns", "service": service_dns(name, namespace, peer)}
     if stage == "throttler" and spec.fairness.get("policy"):
         doc.setdefault("throttler", {})["policy"] = spec.fairness["policy"]
+    if spec.tls.enabled:
+        doc["tls"] = tls_section(spec, name, namespace)
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def tls_section(spec: DeploymentSpec, name: str, namespace: str) -> dict[str, Any]:
+    """The serving config's ``tls``: the mounted Secret's files; peers are checked against one shared name."""
+    server_name = spec.tls.server_name or (f"{name}.{namespace}.svc" if name else "")
+    return {"enabled": True, "cert_file": f"{TLS_DIR}/tls.crt", "key_file": f"{TLS_DIR}/tls.key",
+            "ca_file": f"{TLS_DIR}/ca.crt", "server_name": server_name}
 
 
 def render(
@@ -141,7 +151,11 @@ def _affinity(name: str, stage: str, placement: Placement | None) -> dict[str, A
 def _deployment(name: str, ns: str, stage: str, spec: DeploymentSpec, replicas: int,
                 placement: Placement | None, owner: list) -> dict[str, Any]:
     grpc_port = STAGE_PORTS[stage]
-    probe = {"grpc": {"port": grpc_port}, "periodSeconds": 10, "failureThreshold": 3}
+    check: dict[str, Any] = {"grpc": {"port": grpc_port}}
+    if spec.tls.enabled:  # kubelet's grpc probe cannot present a client certificate
+        command = ["python", "-m", "stageserve.serving.common.probe", "--config", CONFIG_PATH, "--port", str(grpc_port)]
+        check = {"exec": {"command": command}, "timeoutSeconds": 5}
+    probe = {**check, "periodSeconds": 10, "failureThreshold": 3}
     container: dict[str, Any] = {
         "name": stage,
         "image": spec.stages[stage].image,
@@ -159,6 +173,9 @@ def _deployment(name: str, ns: str, stage: str, spec: DeploymentSpec, replicas: 
         "containers": [container],
         "volumes": [{"name": "config", "configMap": {"name": f"{name}-{stage}-config"}}],
     }
+    if spec.tls.enabled:
+        container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        pod["volumes"].append({"name": "tls", "secret": {"secretName": spec.tls.secret_name}})
     affinity = _affinity(name, stage, placement)
     if affinity:
         pod["affinity"] = affinity

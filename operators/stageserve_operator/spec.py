@@ -59,6 +59,15 @@ class AutoscalingSpec:
 
 
 @dataclass(frozen=True)
+class TlsSpec:
+    """mTLS between stages: a Secret with ``tls.crt``, ``tls.key`` and ``ca.crt`` mounted into every stage pod."""
+
+    enabled: bool = False
+    secret_name: str = ""
+    server_name: str = ""  # the name every stage's certificate carries; empty: <deployment>.<namespace>.svc
+
+
+@dataclass(frozen=True)
 class DeploymentSpec:
     model: str
     kv_format: str
@@ -71,6 +80,7 @@ class DeploymentSpec:
     autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
     pod_monitors: bool = False
     redis_url: str = ""
+    tls: TlsSpec = field(default_factory=TlsSpec)
 
     def scale_policy(self, stage: str) -> ScalePolicy:
         s, a = self.stages[stage], self.autoscaling
@@ -118,7 +128,18 @@ def parse_spec(spec: dict[str, Any]) -> DeploymentSpec:
         autoscaling=_autoscaling(_mapping(spec.get("autoscaling", {}), "spec.autoscaling")),
         pod_monitors=bool(monitoring.get("podMonitors", False)),
         redis_url=str(spec.get("redisUrl", "")),
+        tls=_tls(_mapping(spec.get("tls", {}), "spec.tls")),
     )
+
+
+def _tls(raw: dict[str, Any]) -> TlsSpec:
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SpecError(f"spec.tls.enabled: must be true or false, got {enabled!r}")
+    secret = str(raw.get("secretName", ""))
+    if enabled and not secret:
+        raise SpecError("spec.tls.secretName: required when spec.tls.enabled (a Secret with tls.crt, tls.key, ca.crt)")
+    return TlsSpec(enabled=enabled, secret_name=secret, server_name=str(raw.get("serverName", "")))
 
 
 def _stage(name: str, raw: dict[str, Any], image: str) -> StageSpec:

@@ -134,3 +134,68 @@ def test_helm_lint_is_clean():
         assert findings["errors"] == [], findings
         # severity 1 = INFO (e.g. "icon is recommended"); 2 = WARNING, 4 = ERROR
         assert all(m["severity"] <= 1 for m in findings["messages"]), findings
+
+
+def _operator_objects(values: dict) -> tuple[dict, list[dict]]:
+    """values -> the chart's StageServeDeployment -> the objects the operator renders from it (all validated)."""
+    from stageserve_operator.render import render as operator_render
+
+    ssd = next(d for d in render(CHART, values) if d["kind"] == "StageServeDeployment")
+    validate_resource(ssd)
+    spec = parse_spec(ssd["spec"])
+    objs = operator_render("demo", "ml", "uid-1", spec, {s: st.replicas for s, st in spec.stages.items()})
+    for o in objs:
+        validate_resource(o)
+    return ssd, objs
+
+
+def _stage_pods(objs: list[dict]) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objs if o["kind"] == "Deployment"}
+
+
+def _stage_configs(objs: list[dict]):
+    from stageserve.serving.common.config import load_config
+
+    for o in objs:
+        if o["kind"] == "ConfigMap":
+            yield o["metadata"]["name"], yaml.safe_load(o["data"]["stageserve.yaml"]), load_config
+
+
+def test_tls_values_mount_the_secret_into_every_stage_pod_and_set_the_serving_tls(tmp_path):
+    ssd, objs = _operator_objects({"tls": {"enabled": True, "secretName": "stageserve-mtls"}})
+    assert ssd["spec"]["tls"] == {"enabled": True, "secretName": "stageserve-mtls"}
+    pods = _stage_pods(objs)
+    assert len(pods) == 5
+    for name, pod in pods.items():
+        assert {"name": "tls", "secret": {"secretName": "stageserve-mtls"}} in pod["volumes"], name
+        container = pod["containers"][0]
+        assert {"name": "tls", "mountPath": "/etc/stageserve/tls", "readOnly": True} in container["volumeMounts"]
+        probe = container["readinessProbe"]["exec"]["command"]  # kubelet's grpc probe cannot do mTLS
+        assert probe[:3] == ["python", "-m", "stageserve.serving.common.probe"] and "grpc" not in container[
+            "readinessProbe"]
+    configs = list(_stage_configs(objs))
+    assert len(configs) == 5
+    for name, doc, load_config in configs:
+        assert doc["tls"] == {"enabled": True, "cert_file": "/etc/stageserve/tls/tls.crt",
+                              "key_file": "/etc/stageserve/tls/tls.key", "ca_file": "/etc/stageserve/tls/ca.crt",
+                              "server_name": "demo.ml.svc"}, name
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        tls = load_config(str(path)).tls  # the stage accepts the rendered section
+        assert tls.enabled and tls.cert_file.endswith("tls.crt") and tls.server_name == "demo.ml.svc"
+    _, objs = _operator_objects({"tls": {"enabled": True, "secretName": "s", "serverName": "stages.internal"}})
+    assert {doc["tls"]["server_name"] for _, doc, _ in _stage_configs(objs)} == {"stages.internal"}
+
+
+def test_tls_off_by_default_renders_no_secret_and_grpc_probes():
+    ssd, objs = _operator_objects({})
+    assert "tls" not in ssd["spec"]
+    for name, pod in _stage_pods(objs).items():
+        assert [v["name"] for v in pod["volumes"]] == ["config"], name
+        assert "grpc" in pod["containers"][0]["readinessProbe"]
+    assert all("tls" not in doc for _, doc, _ in _stage_configs(objs))
+
+
+def test_tls_enabled_without_a_secret_is_rejected_by_the_schema():
+    with helm.Chart.load(str(CHART)) as c, pytest.raises(helm.HelmError, match="secretName"):
+        c.render({"tls": {"enabled": True}}, name="demo", namespace="ml")

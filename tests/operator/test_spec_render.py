@@ -146,3 +146,13 @@ def test_reconcile_reports_unplaceable_replicas_in_status():
     assert status["placement"]["nodes"] == {"decode": {"small": 2}, "prefill": {}, "encoder": {}}
     assert status["placement"]["unplaced"] == {"prefill": 1, "encoder": 8}
     assert sum(status["placement"]["freeGpus"].values()) == 0
+
+
+def test_tls_spec_needs_a_secret_when_enabled():
+    assert not parse_spec(SPEC).tls.enabled
+    with pytest.raises(SpecError, match="spec.tls.secretName"):
+        parse_spec({**SPEC, "tls": {"enabled": True}})
+    with pytest.raises(SpecError, match="spec.tls.enabled"):
+        parse_spec({**SPEC, "tls": {"enabled": "yes"}})
+    tls = parse_spec({**SPEC, "tls": {"enabled": True, "secretName": "mtls"}}).tls
+    assert (tls.enabled, tls.secret_name, tls.server_name) == (True, "mtls", "")

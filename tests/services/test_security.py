@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stageserve.serving.common import tls
@@ -147,3 +148,38 @@ def test_whole_pipeline_over_mtls(certs):
             with pytest.raises(grpc.RpcError) as refused:
                 list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=10))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_server_name_checks_pod_certificates_by_name_and_the_exec_probe_uses_it(certs, tmp_path):
+    """Stages dial pod IPs; their certificate names a DNS SAN only (as the Helm chart's Secret does):
+    ``tls.server_name`` verifies it by that name. The kubelet exec probe (common/probe.py) passes only then."""
+    from stageserve.serving.common import probe
+    from stageserve.serving.common.server import GrpcStage
+
+    (tmp_path / "san.cnf").write_text("subjectAltName=DNS:demo.ml.svc\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "pod.key", "-out", "pod.csr", "-subj", "/CN=pod",
+             cwd=tmp_path)
+    _openssl("x509", "-req", "-in", "pod.csr", "-CA", str(certs / "ca.pem"), "-CAkey", str(certs / "ca.key"),
+             "-CAcreateserial", "-out", "pod.pem", "-days", "2", "-extfile", "san.cnf", cwd=tmp_path)
+    files = {"cert_file": str(tmp_path / "pod.pem"), "key_file": str(tmp_path / "pod.key"),
+             "ca_file": str(certs / "ca.pem")}
+    port = _free_port()
+    configs = {}
+    for name, server_name in (("named", "demo.ml.svc"), ("by_ip", "")):
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({"tls": {"enabled": True, **files, "server_name": server_name}}))
+
+    async def main():
+        tls.configure(TlsConfig(True, **files, server_name="demo.ml.svc"))
+        try:
+            stage = GrpcStage(f"127.0.0.1:{port}", [])
+            await stage.server.start()
+            await stage.set_serving(True)
+            args = ["--port", str(port), "--timeout", "3"]
+            results = [await asyncio.to_thread(probe.main, ["--config", str(configs[n]), *args]) for n in configs]
+            await stage.server.stop(0)
+            return results
+        finally:
+            tls.configure(TlsConfig())
+
+    assert asyncio.run(main()) == [0, 1]  # the IP is not in the certificate: refused without server_name

@@ -157,6 +157,7 @@ class TlsConfig:
     cert_file: str = ""
     key_file: str = ""
     ca_file: str = ""
+    server_name: str = ""  # name peers' certificates are checked against (not the dialled IP), e.g. in k8s
 
 
 @dataclass(frozen=True)

@@ -58,17 +58,25 @@ def add_port(server: Any, address: str) -> int:
     return int(server.add_secure_port(address, server_credentials(_ACTIVE)))
 
 
+def _name_options(cfg: TlsConfig, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``tls.server_name``: check the peer's certificate against it (stages dial pod IPs found by DNS)."""
+    extra = [("grpc.ssl_target_name_override", cfg.server_name)] if cfg.server_name else []
+    return [*options, *extra]
+
+
 def aio_channel(address: str, options: Sequence[tuple[str, Any]], interceptors: Any = None) -> grpc.aio.Channel:
     if _ACTIVE is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, channel_credentials(_ACTIVE), options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        address, channel_credentials(_ACTIVE), options=_name_options(_ACTIVE, options), interceptors=interceptors
+    )
 
 
 def sync_channel(address: str, cfg: TlsConfig, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     """A blocking channel (supervisor health checks, tools) honouring ``cfg``."""
     if not cfg.enabled:
         return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, channel_credentials(cfg), options=options)
+    return grpc.secure_channel(address, channel_credentials(cfg), options=_name_options(cfg, options))
 
 
 def is_loopback(host: str) -> bool:
