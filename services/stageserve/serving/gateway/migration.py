@@ -116,6 +116,7 @@ class Migrator:
     timeout_s: float = 600.0  # the request's deadline when the client set none
     exact_max_tokens: int = 1024  # greedy/seeded requests with at most this many tokens sent are re-run exactly
     detokenize: Callable[[list[int]], str] | None = None
+    has_encoder: Callable[[], bool] = lambda: True  # some encoder replica is healthy (awaited for image requests)
     stats: MigrationStats = dataclasses.field(default_factory=MigrationStats)
 
     async def run(self, request: HttpGenerateRequest, attempt: Attempt) -> AsyncIterator[GenerateDelta]:
@@ -151,7 +152,7 @@ class Migrator:
                         self.max_migrations,
                     )
                     exact = self._can_regenerate(request, sent) and not isinstance(exc, _Diverged)
-                await self._await_capacity(request.request_id)
+                await self._await_capacity(request.request_id, bool(request.images))
                 if exact:
                     current = dataclasses.replace(request, request_id=f"{request.request_id}.m{migrations}")
                 else:
@@ -210,14 +211,15 @@ class Migrator:
         full = self.detokenize(sent.tokens)
         return full[len(sent.text) :] if full.startswith(sent.text) else ""
 
-    async def _await_capacity(self, request_id: str) -> None:
+    async def _await_capacity(self, request_id: str, images: bool = False) -> None:
+        """Waits for healthy prefill and decode replicas (and an encoder: the retry re-encodes the images)."""
         deadline = min(time.monotonic() + self.wait_s, REQUEST_DEADLINE.get() or float("inf"))
         while True:
             await self.refresh()
-            if self.has_capacity():
+            if self.has_capacity() and (not images or self.has_encoder()):
                 return
             if time.monotonic() >= deadline:
-                raise Timeout(f"request {request_id}: no healthy prefill/decode replica to migrate to")
+                raise Timeout(f"request {request_id}: no healthy prefill/decode/encoder replica to migrate to")
             await asyncio.sleep(0.2)
 
 
@@ -246,8 +248,12 @@ def core_hook(core: Any) -> Migrator:
     def detokenize(ids: list[int]) -> str:
         return str(core.tokenizer.decode(ids, skip_special_tokens=True))
 
+    def has_encoder() -> bool:
+        encoders = getattr(core, "encoders", None)
+        return encoders is None or bool(encoders.replicas.healthy())
+
     gw = core.config.gateway
     return Migrator(
         gw.max_migrations, gw.migration_wait_s, refresh, has_capacity, gw.request_timeout_s,
-        gw.migration_exact_max_tokens, detokenize,
+        gw.migration_exact_max_tokens, detokenize, has_encoder,
     )
