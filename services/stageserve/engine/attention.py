@@ -4,6 +4,10 @@ This is the seam every KV format plugs into: a backend turns the step's sequence
 and masks once, then each layer writes its new K/V into the cache and attends. The torch backend
 batches all decoding sequences (one query each) into one padded SDPA call per layer, and runs each
 prefill chunk as its own causal SDPA (reading earlier context from the cache when there is some).
+With a code pool (``EngineConfig.kv_store="codes"``) a decoding sequence whose chunk carries ``SeqCodes``
+attends on the packed codes of its closed pages (``kvcodec.paged.paged_decode_attention_torch``; kivi2:
+``dequant_decode_attention_torch``) plus its dense BF16 rows (sinks, open block, restored wire tail) gathered
+from the cache; prefill chunks keep the dense path.
 
 Shapes: T tokens in the step; q [T, Hq, D]; k, v [T, Hkv, D]; output [T, Hq, D].
 """
@@ -17,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from stageserve.engine.kv_cache import PagedKVCache
+from stageserve.engine.kv_quant import CodePool, SeqCodes
+from stageserve.kvcodec.paged import dequant_decode_attention_torch, paged_decode_attention_torch
+from stageserve.kvcodec.rotation import rotate
 
 # (layer, first position, k [n, Hkv, D], v [n, Hkv, D]) for one request's newly produced KV rows.
 KVSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -33,6 +40,7 @@ class SeqChunk:
     block_table: list[int]
     kv_sink: KVSink | None = None
     export_from: int = 0  # first position not yet handed to kv_sink
+    codes: SeqCodes | None = None  # closed pages in the code store (kv_store="codes")
 
     @property
     def context_len(self) -> int:
@@ -53,15 +61,59 @@ class _Prefill:
     mask: torch.Tensor | None  # [q_len, L] bool, True = attend; None = plain causal
 
 
+@dataclass
+class _CodeDecodes:
+    """Decoding sequences that attend on codes: their rows, page tables and dense rows (valid ones first)."""
+
+    rows: torch.Tensor  # [B]
+    page_tables: torch.Tensor  # [B, maxP]
+    num_pages: torch.Tensor  # [B]
+    dense_slots: torch.Tensor  # [B, n]
+    dense_lens: torch.Tensor  # [B]
+
+
+def _plan_code_decodes(cache: PagedKVCache, chunks: list[SeqChunk]) -> _CodeDecodes:
+    pages = max(len(c.codes.page_ids) for c in chunks)
+    tables = torch.zeros(len(chunks), max(pages, 1), dtype=torch.long)
+    dense: list[torch.Tensor] = []
+    for i, c in enumerate(chunks):
+        tables[i, : len(c.codes.page_ids)] = torch.tensor(c.codes.page_ids, dtype=torch.long)
+        keep = torch.ones(c.context_len, dtype=torch.bool)
+        for s in c.codes.starts:
+            keep[s : s + c.codes.page_size] = False
+        dense.append(cache.slots_for(c.block_table, 0, c.context_len)[keep])
+    lens = torch.tensor([len(d) for d in dense], dtype=torch.long)
+    slots = torch.zeros(len(chunks), int(lens.max()), dtype=torch.long)
+    for i, d in enumerate(dense):
+        slots[i, : len(d)] = d
+    return _CodeDecodes(
+        torch.tensor([c.row_start for c in chunks], dtype=torch.long),
+        tables,
+        torch.tensor([len(c.codes.page_ids) for c in chunks], dtype=torch.long),
+        slots,
+        lens,
+    )
+
+
 class TorchAttentionStep:
-    def __init__(self, cache: PagedKVCache, chunks: list[SeqChunk], sliding_window: int | None) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        chunks: list[SeqChunk],
+        sliding_window: int | None,
+        pool: CodePool | None = None,
+    ) -> None:
         self.cache = cache
+        self.pool = pool if sliding_window is None else None
+        on_codes = [c for c in chunks if self.pool is not None and _decodes_on_codes(c, self.pool)]
+        self.code_decodes = _plan_code_decodes(cache, on_codes) if on_codes else None
+        chunks_dense = [c for c in chunks if not any(c is o for o in on_codes)]
         self.slot_mapping = (
             torch.cat([cache.slots_for(c.block_table, c.start_pos, c.context_len) for c in chunks])
             if chunks
             else torch.empty(0, dtype=torch.long)
         )
-        decodes = [c for c in chunks if c.q_len == 1 and c.start_pos > 0]
+        decodes = [c for c in chunks_dense if c.q_len == 1 and c.start_pos > 0]
         self.decode_rows = torch.tensor([c.row_start for c in decodes], dtype=torch.long)
         self.decode_slots, self.decode_mask = _padded_context(cache, decodes, sliding_window)
         self.prefills = [
@@ -77,6 +129,8 @@ class TorchAttentionStep:
         self.cache.write(layer, self.slot_mapping, k, v)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         out = q.new_empty(*q.shape[:-1], v.shape[-1])  # V may have fewer dims than q/k (ZeroC)
+        if self.code_decodes is not None:
+            out[self.code_decodes.rows] = self._run_codes(layer, q).to(out.dtype)
         if len(self.decode_rows):
             qd = q[self.decode_rows].unsqueeze(2)  # [B, Hq, 1, D]
             kd = k_cache[self.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
@@ -94,6 +148,29 @@ class TorchAttentionStep:
         for e in self.exports:
             e.sink(layer, e.start, k_cache[e.slots], v_cache[e.slots])
         return out
+
+    def _run_codes(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        cd, store = self.code_decodes, self.pool.store
+        rot = store.fmt.k_rotation
+        qc = rotate(q[cd.rows], rot)
+        kd = rotate(self.cache.k[layer][cd.dense_slots], rot)  # [B, n, Hkv, D]
+        vd = self.cache.v[layer][cd.dense_slots]
+        none = kd[:, :0]
+        zero = torch.zeros_like(cd.dense_lens)
+        attend = paged_decode_attention_torch if store.fmt.computes_on_codes else dequant_decode_attention_torch
+        return attend(qc, store, layer, cd.page_tables, cd.num_pages, none, none, zero, kd, vd, cd.dense_lens, None)
+
+
+def _decodes_on_codes(c: SeqChunk, pool: CodePool) -> bool:
+    """A decode step whose closed pages all lie in the code store (before its own position)."""
+    return (
+        c.q_len == 1
+        and c.start_pos > 0
+        and c.codes is not None
+        and bool(c.codes.page_ids)
+        and c.codes.page_size == pool.fmt.page_size
+        and all(s + c.codes.page_size <= c.start_pos for s in c.codes.starts)
+    )
 
 
 def _padded_context(
@@ -129,12 +206,13 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def __init__(self, cache: PagedKVCache, sliding_window: int | None = None) -> None:
+    def __init__(self, cache: PagedKVCache, sliding_window: int | None = None, pool: CodePool | None = None) -> None:
         self.cache = cache
         self.sliding_window = sliding_window
+        self.pool = pool  # code store of closed pages (kv_store="codes"); decode steps with SeqCodes use it
 
     def plan(self, chunks: list[SeqChunk]) -> TorchAttentionStep:
-        return TorchAttentionStep(self.cache, chunks, self.sliding_window)
+        return TorchAttentionStep(self.cache, chunks, self.sliding_window, self.pool)
 
 
 class NoCacheAttention:

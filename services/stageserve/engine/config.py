@@ -33,6 +33,9 @@ class EngineConfig:
     # Quantized formats turn prefix caching off (a shared block would belong to pages of different requests).
     kv_format: str = "auto"
     kv_page_size: int = 64  # Π, tokens per quantized page (32, 64 or 128)
+    # Where closed pages of a code format (hack*, kivi2) live for decode steps: "codes" = packed codes in a
+    # PagedCodeStore, attention computed on them (INT8 q̃/p̃); "dense" = dequantized values in the dense cache.
+    kv_store: str = "dense"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -41,6 +44,8 @@ class EngineConfig:
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
         if self.kv_format not in KV_FORMATS:
             raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)}, got {self.kv_format!r}")
+        if self.kv_store not in ("codes", "dense"):
+            raise ValueError(f"kv_store must be codes or dense, got {self.kv_store!r}")
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
             raise ValueError("block_size and num_kv_blocks must be >= 1")
 

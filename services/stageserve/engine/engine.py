@@ -19,7 +19,7 @@ from stageserve.engine.attention import KVSink, TorchAttentionBackend
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.detokenizer import IncrementalDetokenizer
 from stageserve.engine.kv_cache import PagedKVCache
-from stageserve.engine.kv_quant import PageCloser
+from stageserve.engine.kv_quant import CodePool, PageCloser, SeqCodes
 from stageserve.engine.model_runner import ImageEmbeds, ModelRunner
 from stageserve.engine.outputs import TokenEvent
 from stageserve.engine.sampler import sample
@@ -43,6 +43,8 @@ class _Request:
     exported: int = 0
     page_format: PageFormat | None = None  # quantize-on-append format of this request's cache pages
     closed_upto: int = 0  # start of the open block: pages before it are quantized
+    codes: SeqCodes | None = None  # its closed pages in the code store (kv_store="codes")
+    installed: set[tuple[int, int]] = field(default_factory=set)  # imported (layer, page start) in the store
     pending: list[int] = field(default_factory=list)  # tokens not yet reported in a TokenEvent
     first_token_time: float | None = None
     images: list[ImageEmbeds] = field(default_factory=list)
@@ -78,18 +80,39 @@ class LLMEngine:
             storage_dtype=torch.bfloat16 if quantized else None,
             head_dims=head_dims,
         )
-        self.page_closer = PageCloser(self.cache)
+        self.code_pool = self._code_pool(num_blocks, mc.sliding_window) if quantized else None
+        self.page_closer = PageCloser(self.cache, self.code_pool)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and not quantized)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill),
             self.blocks,
         )
-        self.runner = ModelRunner(self.loaded.model, TorchAttentionBackend(self.cache, mc.sliding_window))
+        backend = TorchAttentionBackend(self.cache, mc.sliding_window, self.code_pool)
+        self.runner = ModelRunner(self.loaded.model, backend)
         self.requests: dict[str, _Request] = {}
         self._imports: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.num_preemptions = 0
         self._rng = torch.Generator().manual_seed(config.seed)
+
+    def _code_pool(self, num_blocks: int, sliding_window: int | None) -> CodePool | None:
+        """The code store of kv_store="codes" (code formats, uniform head dims, no sliding window), sized so
+        every token slot of the dense cache could sit in a closed page."""
+        fmt = self.page_format(self.config.kv_format)
+        uniform = isinstance(self.cache.k, torch.Tensor)
+        if self.config.kv_store != "codes" or not fmt.has_code_sums or not uniform or sliding_window is not None:
+            return None
+        pages = num_blocks * self.config.block_size // fmt.page_size + 1
+        return CodePool(fmt, self.model_config.num_hidden_layers, pages)
+
+    def _new_codes(self, req: _Request) -> None:
+        pool = self.code_pool
+        if pool is not None and req.page_format is not None and req.page_format == pool.fmt:
+            req.codes = SeqCodes(pool.fmt.page_size)
+
+    def _free_codes(self, req: _Request) -> None:
+        if req.codes is not None and self.code_pool is not None:
+            self.code_pool.free(req.codes)
 
     # ---- requests --------------------------------------------------------------------------------
     def new_request_id(self) -> str:
@@ -114,6 +137,7 @@ class LLMEngine:
         req.kv_sink = kv_sink
         if self.config.kv_format != "auto" and self.config.role != "prefill":
             req.page_format = self.page_format(self.config.kv_format)
+            self._new_codes(req)
         self.scheduler.add(req.seq)
         self.requests[request_id] = req
 
@@ -173,9 +197,11 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is not None:
             self.scheduler.finish(req.seq, "abort")
+            self._free_codes(req)
         imported = self._imports.pop(request_id, None)
         if imported is not None:
             self.blocks.free(imported.seq.block_table)
+            self._free_codes(imported)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -201,16 +227,38 @@ class LLMEngine:
         req = self._new_request(request_id, prompt_token_ids, params, None)
         fmt_name = kv_format or (self.config.kv_format if self.config.kv_format != "auto" else None)
         req.page_format = self.page_format(fmt_name) if fmt_name else None
+        self._new_codes(req)
+        if req.codes is not None:
+            fmt, n = req.page_format, len(prompt_token_ids)
+            starts = list(range(fmt.num_sinks, n - fmt.page_size + 1, fmt.page_size)) if n > fmt.num_sinks else []
+            if len(starts) > self.code_pool.num_free:
+                raise KVCacheFullError(f"no free code pages for {len(starts)} pages")
+            req.codes.page_ids, req.codes.starts = self.code_pool.alloc(len(starts)), starts
         if not self.blocks.allocate(req.seq.block_table, len(prompt_token_ids)):
+            self._free_codes(req)
             raise KVCacheFullError(f"no free KV blocks for {len(prompt_token_ids)} tokens")
         self._imports[request_id] = req
 
-    def import_kv(self, request_id: str, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Writes K/V [n, Hkv, D] of positions [start, start + n) of one layer into the paged cache."""
-        seq = self._imports[request_id].seq
+    def import_kv(
+        self,
+        request_id: str,
+        layer: int,
+        start: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        page_payload: bytes | None = None,
+    ) -> None:
+        """Writes K/V [n, Hkv, D] of positions [start, start + n) of one layer into the paged cache.
+        ``page_payload``: the exact ``wire.pack`` bytes of a closed page at ``start``; with a code store they
+        are installed there as they are (no re-quantization) and decode steps attend on them."""
+        req = self._imports[request_id]
+        seq = req.seq
         if start < 0 or start + k.shape[0] > seq.num_prompt_tokens:
             raise ValueError(f"KV rows [{start}, {start + k.shape[0]}) outside the prompt of {seq.num_prompt_tokens}")
         self.cache.write(layer, self.cache.slots_for(seq.block_table, start, start + k.shape[0]), k, v)
+        if page_payload is not None and req.codes is not None and start in req.codes.starts:
+            self.code_pool.store.install_page(layer, req.codes.page_ids[req.codes.starts.index(start)], page_payload)
+            req.installed.add((layer, start))
 
     def commit_import(self, request_id: str, first_token_id: int) -> None:
         """The prompt's KV is complete: continue from the prefill's first token."""
@@ -221,6 +269,8 @@ class LLMEngine:
             # Imported pages, the tail included (a closed partial page), are never re-quantized; the pages
             # decode fills start at the prompt's end.
             req.closed_upto = seq.num_prompt_tokens
+        if req.codes is not None and len(req.installed) < len(req.codes.starts) * self.model_config.num_hidden_layers:
+            self._free_codes(req)  # pages arrived as values only: they stay in the dense cache
         self.blocks.commit_full_blocks(seq.block_table, seq.block_keys, seq.num_computed_tokens)
         self.requests[request_id] = req
         self.scheduler.add_running(seq)
@@ -237,7 +287,8 @@ class LLMEngine:
             sinks = {r: q.kv_sink for r, q in self.requests.items() if q.kv_sink is not None}
             exported = {r: self.requests[r].exported for r in sinks}
             images = {s.seq.request_id: self.requests[s.seq.request_id].images for s in out.scheduled}
-            logits = self.runner.execute(out.scheduled, sinks, exported, {r: v for r, v in images.items() if v})
+            codes = {s.seq.request_id: self.requests[s.seq.request_id].codes for s in out.scheduled}
+            logits = self.runner.execute(out.scheduled, sinks, exported, {r: v for r, v in images.items() if v}, codes)
             now = time.monotonic()
             completing = [s.seq for s in out.scheduled if s.completes]
             for s in out.scheduled:
@@ -267,8 +318,9 @@ class LLMEngine:
         seq = req.seq
         if seq.num_computed_tokens < req.closed_upto:  # preempted and recomputing: its pages are new
             req.closed_upto = 0
+            self._free_codes(req)
         req.closed_upto = self.page_closer.close_ready(
-            req.page_format, seq.block_table, seq.num_computed_tokens, req.closed_upto
+            req.page_format, seq.block_table, seq.num_computed_tokens, req.closed_upto, req.codes
         )
 
     def _banned(self, seq: Sequence) -> list[int]:
@@ -314,6 +366,7 @@ class LLMEngine:
         req.pending = []
         if finished:
             del self.requests[seq.request_id]
+            self._free_codes(req)
         return event
 
     # ---- scoring ---------------------------------------------------------------------------------
@@ -334,6 +387,8 @@ class LLMEngine:
             if not self.blocks.allocate(seq.block_table, len(seq.token_ids)):
                 raise ValueError("windows do not fit in the KV cache; use fewer or smaller windows")
         closed = [0] * len(seqs)
+        pool = self.code_pool if fmt is not None and fmt == getattr(self.code_pool, "fmt", None) else None
+        codes = {seq.request_id: SeqCodes(fmt.page_size) for seq in seqs} if pool is not None else {}
         out: list[list[torch.Tensor]] = [[] for _ in seqs]
         try:
             for t in trange(max(len(w) for w in windows) - 1, desc="decode steps", disable=not progress):
@@ -343,12 +398,16 @@ class LLMEngine:
                     seqs[i].num_computed_tokens = t
                     seqs[i].token_ids = windows[i][: t + 1]
                     step.append(ScheduledSeq(seqs[i], 1))
-                logprobs = torch.log_softmax(self.runner.execute(step, {}, {}), dim=-1)
+                logprobs = torch.log_softmax(self.runner.execute(step, {}, {}, None, codes), dim=-1)
                 for row, i in enumerate(live):
                     out[i].append(logprobs[row, windows[i][t + 1]])
                     if fmt is not None:
-                        closed[i] = self.page_closer.close_ready(fmt, seqs[i].block_table, t + 1, closed[i])
+                        closed[i] = self.page_closer.close_ready(
+                            fmt, seqs[i].block_table, t + 1, closed[i], codes.get(seqs[i].request_id)
+                        )
         finally:
             for seq in seqs:
                 self.blocks.free(seq.block_table)
+            for c in codes.values():
+                pool.free(c)
         return [torch.stack(x) for x in out]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from stageserve.engine.attention import KVSink, NoCacheAttention, SeqChunk, TorchAttentionBackend
+from stageserve.engine.kv_quant import SeqCodes
 from stageserve.models.llama import LlamaForCausalLM
 from stageserve.policy.batching.scheduler import ScheduledSeq
 
@@ -37,10 +38,12 @@ class ModelRunner:
         sinks: dict[str, KVSink],
         exported: dict[str, int],
         images: dict[str, list[ImageEmbeds]] | None = None,
+        codes: dict[str, SeqCodes] | None = None,
     ) -> torch.Tensor:
         """Computes the scheduled tokens; returns logits [n, V] for the sequences whose chunk completes
         them (in ``scheduled`` order). ``sinks`` receive each exporting request's KV layer by layer;
-        ``images`` put image embeddings in place of the placeholder tokens they cover."""
+        ``images`` put image embeddings in place of the placeholder tokens they cover; ``codes`` are the
+        requests' closed pages in the backend's code store (decode steps then attend on them)."""
         tokens: list[int] = []
         positions: list[int] = []
         chunks: list[SeqChunk] = []
@@ -49,7 +52,15 @@ class ModelRunner:
             seq, start = s.seq, s.seq.num_computed_tokens
             rid = seq.request_id
             chunks.append(
-                SeqChunk(len(tokens), s.num_new_tokens, start, seq.block_table, sinks.get(rid), exported.get(rid, 0))
+                SeqChunk(
+                    len(tokens),
+                    s.num_new_tokens,
+                    start,
+                    seq.block_table,
+                    sinks.get(rid),
+                    exported.get(rid, 0),
+                    (codes or {}).get(rid),
+                )
             )
             tokens.extend(seq.token_ids[start : start + s.num_new_tokens])
             positions.extend(range(start, start + s.num_new_tokens))

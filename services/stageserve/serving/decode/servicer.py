@@ -141,7 +141,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             return
         span = pending.spans[page.page_index]
         k, v = wire.unpack(pending.fmt, span, page.payload)
-        await self.engine.call(lambda: self.engine.engine.import_kv(rid, page.layer, span.start, k, v))
+        code_bytes = page.payload if span.kind == "page" else None  # installed as is in a code store
+        await self.engine.call(lambda: self.engine.engine.import_kv(rid, page.layer, span.start, k, v, code_bytes))
         pending.received.add(key)
 
     async def GetLoad(self, request: common_pb2.LoadRequest, context: grpc.aio.ServicerContext) -> common_pb2.StageLoad:
