@@ -140,7 +140,7 @@ def test_encoder_killed_after_encode_before_fetch_is_re_encoded(enc):
 
 def test_encoder_killed_while_encoding_is_re_encoded(enc):
     sup, endpoints, restarts = enc
-    images = [png(600, 400, seed=600 + i) for i in range(6)]  # several tiles each: encoding takes a while
+    images = [png(400, 300, seed=600 + i) for i in range(4)]  # several tiles each: encoding takes a while
     migrations = _migrations(endpoints)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(_chat, endpoints, images)
