@@ -15,7 +15,9 @@ re-dispatches it to healthy replicas, one of two ways:
 Either way the client sees one stream, no duplicated and no missing tokens, and usage counts the original
 prompt and every generated token. Migrations per request are bounded by ``gateway.max_migrations``. A prefill
 death before any token is the same path (a retry): decode's ``Generate`` is cancelled, which frees the
-partial KV it had reserved and installed.
+partial KV it had reserved and installed. An encoder death (Encode fails, or prefill's FetchEmbeddings from the
+dead replica fails) is a retry too: every attempt runs Encode again on a healthy encoder (old handles are never
+re-used), and an image request's retry waits for one (``has_encoder``).
 
 ``MigrationStats`` is the counter hook the metrics exporter reads (``GatewayCore.migrator.stats``).
 """
