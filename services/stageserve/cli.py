@@ -103,6 +103,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     ppl.add_argument("--partition", type=int, default=64, help="tokens per quantized page (32, 64, 128)")
     ppl.add_argument(
+        "--kv-store", choices=("codes", "dense"), default=None, help="closed pages as packed codes or dequantized"
+    )
+    ppl.add_argument(
         "--split",
         choices=["all", "calib", "eval"],
         default=None,
@@ -134,6 +137,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
             kv_format=args.kv_format,
             kv_page_size=args.partition,
             num_kv_blocks=blocks,
+            **({"kv_store": args.kv_store} if args.kv_store else {}),
         )
     else:
         llm = LLM(model=args.model, dtype=args.dtype)
