@@ -3,6 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data
 export PYTHONUNBUFFERED := 1
+# Torch's OpenMP threads sleep instead of spinning when they wait: the tests run several torch processes (the
+# stages) on few cores, where spinning threads slow every process down several-fold.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install run test test-fast lint protos bench eval clean
 
