@@ -35,7 +35,7 @@ class EngineConfig:
     kv_page_size: int = 64  # Π, tokens per quantized page (32, 64 or 128)
     # Where closed pages of a code format (hack*, kivi2) live for decode steps: "codes" = packed codes in a
     # PagedCodeStore, attention computed on them (INT8 q̃/p̃); "dense" = dequantized values in the dense cache.
-    kv_store: str = "dense"
+    kv_store: str = "codes"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
