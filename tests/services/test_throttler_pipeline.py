@@ -168,3 +168,20 @@ def test_api_keys_bind_requests_to_their_tenant(keyed_gateway: str, redis_thrott
     assert other.status_code == 403 and "x-stageserve-user" in other.json()["error"]["message"]
     app = chat(keyed_gateway, {"authorization": "Bearer key-bot", "x-stageserve-app": "notes"})
     assert app.status_code == 403 and "x-stageserve-app" in app.json()["error"]["message"]
+
+
+def test_redis_killed_under_load_loses_no_request(keyed_gateway: str, redis_throttler) -> None:
+    """Redis dies while calls are being admitted and served: every call still gets its answer (the throttler
+    decides from local state), and calls after the crash are admitted too. Runs last: it kills the module's Redis."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    headers = {"authorization": "Bearer key-alice"}
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        before = [pool.submit(chat, keyed_gateway, {**headers, "x-stageserve-interaction-id": f"load-{i}"})
+                  for i in range(6)]
+        time.sleep(0.5)  # calls are in admission or in the engines now
+        redis_throttler[1].kill()
+        after = [pool.submit(chat, keyed_gateway, {**headers, "x-stageserve-interaction-id": f"post-{i}"})
+                 for i in range(6)]
+        codes = [f.result().status_code for f in before + after]
+    assert codes == [200] * 12, codes
